@@ -1,0 +1,1 @@
+"""Generation-time features shared by every generate script (guidance, previews, prompts, outputs, metadata)."""

@@ -1,0 +1,58 @@
+"""Project-level checks: the README's test command matches CI, user errors exit cleanly, writes are atomic."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from musubi_tuner.utils.atomic import atomic_path, atomic_write_text
+from musubi_tuner.utils.errors import UserError, cli_entry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    assert len(blocks) >= 2, "README needs the two set-up commands"
+    test_cmd = blocks[1].split("&&")[-1].strip()
+    assert test_cmd.startswith("python -m pytest")
+    assert test_cmd in ci
+
+
+def test_cli_entry_turns_user_error_into_one_line_and_exit_2(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text(
+        "from musubi_tuner.utils.errors import UserError, cli_entry\n"
+        "@cli_entry\n"
+        "def main():\n"
+        "    raise UserError('config.toml: datasets[0]: unknown key \"resolutoin\"')\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == 'error: config.toml: datasets[0]: unknown key "resolutoin"'
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_entry_passes_return_value():
+    assert cli_entry(lambda: 7)() == 7
+    with pytest.raises(SystemExit) as exc:
+        cli_entry(lambda: (_ for _ in ()).throw(UserError("x")))()
+    assert exc.value.code == 2
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"], "temporary file left behind"
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
