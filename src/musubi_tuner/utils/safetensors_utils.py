@@ -1,0 +1,349 @@
+"""Streaming weights reader: safetensors files (single, split ``-0000N-of-0000M``, index json, directory) and ``.pt``.
+
+Tensors are read one at a time with positioned reads straight into a freshly allocated CPU tensor. We deliberately do
+not keep a memory map of the file: pages of a mapping count toward the process RSS while it lives, so mapping the
+checkpoint and then copying or converting each tensor costs file size + model size at peak (measured in
+docs/performance.md, "Loading"). Reading into the destination buffer keeps the peak at the model size plus one tensor.
+Headers are parsed here (8-byte little-endian length + JSON, the safetensors format) and validated against the file
+size, so a truncated or foreign file is a ``UserError`` naming it. ``.pt/.pth`` files are opened only with
+``torch.load(weights_only=True, mmap=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from musubi_tuner.utils.errors import UserError
+
+PathLike = str | os.PathLike
+TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+
+SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<idx>\d+)-of-(?P<total>\d+)(?P<ext>\.safetensors)$")
+PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header; returns (header dict, data offset). Errors name the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise UserError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise UserError(f"{path}: unreadable safetensors header (declared length {n}, file size {size})")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable safetensors header ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: unreadable safetensors header (not a JSON object)")
+    return header, 8 + n
+
+
+def _parse_tensor_infos(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    header, data_start = _read_header(path)
+    size = path.stat().st_size
+    metadata = header.pop("__metadata__", None) or {}
+    infos: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise UserError(f"{path}: unreadable safetensors header entry for {key!r}") from None
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise UserError(f"{path}: tensor {key!r} has dtype {dtype_name}, which this tool cannot load")
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes or begin < 0 or data_start + end > size:
+            raise UserError(f"{path}: tensor {key!r} lies outside the file or has a wrong size (truncated download?)")
+        infos[key] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
+    return infos, {str(k): str(v) for k, v in metadata.items()}
+
+
+def load_safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of one safetensors file (header only; no tensor data is read)."""
+    header, _ = _read_header(Path(path))
+    return {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+
+
+def resolve_weight_files(path_or_paths: PathLike | Iterable[PathLike]) -> list[Path]:
+    """Expand the user's weights argument into the list of files to read.
+
+    Accepts a file, any one shard of a ``name-0000N-of-0000M.safetensors`` set (all shards are used), a
+    ``*.safetensors.index.json``, a directory (its index json if there is one, else all ``*.safetensors`` in it), or
+    a list of these.
+    """
+    if not isinstance(path_or_paths, (str, os.PathLike)):
+        files: list[Path] = []
+        for p in path_or_paths:
+            files.extend(f for f in resolve_weight_files(p) if f not in files)
+        if not files:
+            raise UserError("no weight files given")
+        return files
+    path = Path(path_or_paths)
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if len(indexes) == 1:
+            return _files_from_index(indexes[0])
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{path}: directory contains no .safetensors files")
+        return _dedupe_shard_sets(files)
+    if path.name.endswith(".index.json"):
+        return _files_from_index(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    m = SHARD_RE.match(path.name)
+    if m:
+        return _shard_set(path, m)
+    return [path]
+
+
+def _shard_set(path: Path, m: re.Match) -> list[Path]:
+    width, total = len(m["idx"]), int(m["total"])
+    files = [path.with_name(f"{m['stem']}-{i:0{width}d}-of-{m['total']}{m['ext']}") for i in range(1, total + 1)]
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise UserError(f"{missing[0]}: shard {missing[0].name} of the split checkpoint {path.name} is missing")
+    return files
+
+
+def _dedupe_shard_sets(files: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for f in files:
+        m = SHARD_RE.match(f.name)
+        for g in _shard_set(f, m) if m else [f]:
+            if g not in out:
+                out.append(g)
+    return out
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+    except FileNotFoundError:
+        raise UserError(f"{index}: file not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
+    files: list[Path] = []
+    for name in weight_map.values():
+        f = index.parent / name
+        if f not in files:
+            files.append(f)
+    for f in files:
+        if not f.exists():
+            raise UserError(f"{f}: shard listed in {index} is missing")
+    return files
+
+
+class WeightsReader:
+    """Read tensors from one checkpoint (possibly several files) one at a time. Use as a context manager or ``close()``."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self._infos: dict[str, TensorInfo] = {}
+        self._pt: dict[str, torch.Tensor] = {}
+        self._pt_origin: dict[str, Path] = {}
+        self._metadata: dict[str, str] = {}
+        self._handles: dict[Path, object] = {}
+        for f in files:
+            if f.suffix in PT_SUFFIXES:
+                tensors = _torch_load(f)
+                self._add_keys(tensors.keys(), f)
+                self._pt.update(tensors)
+                self._pt_origin.update(dict.fromkeys(tensors, f))
+            else:
+                infos, meta = _parse_tensor_infos(f)
+                self._add_keys(infos.keys(), f)
+                self._infos.update(infos)
+                for k, v in meta.items():
+                    self._metadata.setdefault(k, v)
+
+    def _add_keys(self, keys: Iterable[str], f: Path) -> None:
+        for k in keys:
+            if k in self._infos or k in self._pt:
+                raise UserError(f"{f}: tensor {k!r} also appears in {self.file_of(k)}")
+
+    @property
+    def name(self) -> str:
+        """A short description for messages: the file, or the first file and the count."""
+        return str(self.files[0]) if len(self.files) == 1 else f"{self.files[0]} (+{len(self.files) - 1} more files)"
+
+    def keys(self) -> list[str]:
+        """All tensor names, in file order."""
+        return list(self._infos) + list(self._pt)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._infos or key in self._pt
+
+    def __len__(self) -> int:
+        return len(self._infos) + len(self._pt)
+
+    def metadata(self) -> dict[str, str]:
+        """Safetensors ``__metadata__`` (merged over shards; the first file wins on conflicts)."""
+        return dict(self._metadata)
+
+    def file_of(self, key: str) -> Path:
+        """The file that holds ``key``."""
+        return self._infos[key].path if key in self._infos else self._pt_origin[key]
+
+    def _check(self, key: str) -> None:
+        if key not in self:
+            raise UserError(f"{self.name}: no tensor named {key!r}")
+
+    def get_shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key`` without reading it."""
+        self._check(key)
+        return self._infos[key].shape if key in self._infos else tuple(self._pt[key].shape)
+
+    def get_dtype(self, key: str) -> torch.dtype:
+        """Stored dtype of ``key`` without reading it."""
+        self._check(key)
+        return self._infos[key].dtype if key in self._infos else self._pt[key].dtype
+
+    def get_nbytes(self, key: str) -> int:
+        """Stored size of ``key`` in bytes."""
+        self._check(key)
+        if key in self._infos:
+            return self._infos[key].end - self._infos[key].start
+        t = self._pt[key]
+        return t.numel() * t.element_size()
+
+    def get_tensor(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Read one tensor (converted to ``dtype`` when given, then moved to ``device``)."""
+        self._check(key)
+        if key in self._pt:
+            t = self._pt[key]
+        else:
+            t = self._read(self._infos[key])
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t.to(device) if torch.device(device).type != "cpu" else t
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        nbytes = info.end - info.start
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            f = self._handles.get(info.path)
+            if f is None:
+                f = self._handles[info.path] = open(info.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            view = memoryview(buf.numpy())
+            done = 0
+            while done < nbytes:
+                n = (
+                    os.preadv(f.fileno(), [view[done:]], info.start + done)
+                    if hasattr(os, "preadv")
+                    else _pread(f, view, info, done)
+                )
+                if n <= 0:
+                    raise UserError(f"{info.path}: file ended early while reading (truncated?)")
+                done += n
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def iter_tensors(
+        self,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        hook: TensorHook | None = None,
+        keys: Iterable[str] | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, tensor)`` one at a time; ``hook(key, tensor) -> tensor`` runs before the dtype conversion."""
+        for key in self.keys() if keys is None else keys:
+            t = self.get_tensor(key)
+            if hook is not None:
+                t = hook(key, t)
+            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                t = t.to(dtype)
+            yield key, t.to(device) if torch.device(device).type != "cpu" else t
+
+    def close(self) -> None:
+        """Close open file handles and drop ``.pt`` tensors."""
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+        self._pt.clear()
+
+    def __enter__(self) -> WeightsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _pread(f, view: memoryview, info: TensorInfo, done: int) -> int:
+    f.seek(info.start + done)
+    return f.readinto(view[done:])
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format cannot be mapped
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except Exception as e:  # unpickling errors have many types; every one means "not a loadable weights file"
+        raise UserError(f"{path}: cannot load as weights with torch.load(weights_only=True): {e}") from None
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for wrapper in ("state_dict", "model", "module"):
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise UserError(f"{path}: does not hold a state dict of tensors")
+    return obj
+
+
+def open_weights(path_or_paths: PathLike | Iterable[PathLike]) -> WeightsReader:
+    """Open a checkpoint for streaming; see ``resolve_weight_files`` for what the argument may be."""
+    return WeightsReader(resolve_weight_files(path_or_paths))
