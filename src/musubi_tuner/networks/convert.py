@@ -1,0 +1,237 @@
+"""kohya ⇄ dotted-path (diffusers / ComfyUI / "diffusion-pipe") adapter layouts, through exact name tables (§6).
+
+Turning ``lora_unet_visual_transformer_blocks_0_self_attention_to_query`` back into a dotted path is ambiguous
+(``self_attention``, ``to_query`` ... contain underscores), so conversion never guesses: each architecture lists
+the module paths of its model in ``NAME_TABLES`` and names are mapped through that table; an unknown name is a
+``UserError`` listing examples.
+
+``--target other``: ``<prefix>.<path>.lora_A.weight = down · sqrt(alpha/r)``, ``lora_B.weight = up · sqrt(alpha/r)``
+(no alpha key); LoHa/LoKr tensors are copied with their alpha. ``--target default``: ``lora_A → lora_down``,
+``lora_B → lora_up``, ``alpha = rank`` where none is stored; hashes are recomputed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from musubi_tuner.networks.formats import (
+    LOHA,
+    LOKR,
+    MAX_EXAMPLES,
+    PEFT,
+    add_hashes,
+    detect_adapter_architecture,
+    fold_alpha,
+    parse_adapter_state_dict,
+    strip_dotted_prefix,
+)
+from musubi_tuner.utils.errors import UserError
+
+KOHYA_PREFIX = "lora_unet_"
+
+
+@dataclass(frozen=True)
+class NameTable:
+    """The adaptable module paths of one architecture: per block list, the paths under ``<list>.{i}``; plus
+    top-level paths. The official and converted (dotted) paths are the same for every architecture listed here."""
+
+    arch: str
+    blocks: tuple[tuple[str, tuple[str, ...]], ...]
+    top_level: tuple[str, ...] = ()
+
+    def to_dotted(self, kohya_name: str) -> str | None:
+        """Dotted module path of a kohya name (``lora_unet_...``), or None when not a module of this model."""
+        if not kohya_name.startswith(KOHYA_PREFIX):
+            return None
+        rest = kohya_name[len(KOHYA_PREFIX) :]
+        for path in self.top_level:
+            if rest == path.replace(".", "_"):
+                return path
+        for block, members in self.blocks:
+            head = block.replace(".", "_") + "_"
+            if not rest.startswith(head):
+                continue
+            m = re.fullmatch(r"(\d+)_(.+)", rest[len(head) :])
+            if not m:
+                continue
+            for member in members:
+                if m[2] == member.replace(".", "_"):
+                    return f"{block}.{m[1]}.{member}"
+        return None
+
+    def is_module(self, path: str) -> bool:
+        """Whether ``path`` (dotted, no prefix) is a module of this model."""
+        if path in self.top_level:
+            return True
+        for block, members in self.blocks:
+            m = re.fullmatch(re.escape(block) + r"\.(\d+)\.(.+)", path)
+            if m and m[2] in members:
+                return True
+        return False
+
+
+def _attn(prefix: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{n}" for n in names)
+
+
+_K5_ATTN = ("to_query", "to_key", "to_value", "out_layer")
+_K5_FF = ("feed_forward.in_layer", "feed_forward.out_layer")
+
+NAME_TABLES: dict[str, NameTable] = {
+    "kandinsky5": NameTable(
+        "kandinsky5",
+        (
+            ("text_transformer_blocks", (*_attn("self_attention", _K5_ATTN), *_K5_FF, "text_modulation.out_layer")),
+            (
+                "visual_transformer_blocks",
+                (*_attn("self_attention", _K5_ATTN), *_attn("cross_attention", _K5_ATTN), *_K5_FF, "visual_modulation.out_layer"),
+            ),
+        ),
+        (
+            "time_embeddings.in_layer",
+            "time_embeddings.out_layer",
+            "text_embeddings.in_layer",
+            "pooled_text_embeddings.in_layer",
+            "visual_embeddings.in_layer",
+            "out_layer.modulation.out_layer",
+            "out_layer.out_layer",
+        ),
+    ),
+    "qwen_image": NameTable(
+        "qwen_image",
+        (
+            (
+                "transformer_blocks",
+                (
+                    *_attn("attn", ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")),
+                    "img_mlp.net.0.proj",
+                    "img_mlp.net.2",
+                    "txt_mlp.net.0.proj",
+                    "txt_mlp.net.2",
+                    "img_mod.1",
+                    "txt_mod.1",
+                ),
+            ),
+        ),
+    ),
+    "wan": NameTable(
+        "wan",
+        (
+            (
+                "blocks",
+                (
+                    *_attn("self_attn", ("q", "k", "v", "o")),
+                    *_attn("cross_attn", ("q", "k", "v", "o", "k_img", "v_img")),
+                    "ffn.0",
+                    "ffn.2",
+                ),
+            ),
+        ),
+    ),
+    "flux_2": NameTable(
+        "flux_2",
+        (
+            (
+                "double_blocks",
+                tuple(f"{s}_{m}" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")),
+            ),
+            ("single_blocks", ("linear1", "linear2")),
+        ),
+    ),
+}
+
+
+def name_table(arch: str) -> NameTable:
+    """The table of ``arch``; ``UserError`` listing the known ones."""
+    if arch not in NAME_TABLES:
+        raise UserError(f"no LoRA name table for architecture {arch!r}; known: {', '.join(sorted(NAME_TABLES))}")
+    return NAME_TABLES[arch]
+
+
+def _canonical(sd: Mapping[str, torch.Tensor], table: NameTable, source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Dotted path → tensors with kohya/LyCORIS suffixes (PEFT ``lora_A/B`` renamed, alpha = rank added)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for name, module in parse_adapter_state_dict(sd, source).items():
+        path = strip_dotted_prefix(name) if module.is_dotted else table.to_dotted(name)
+        if path is None or not table.is_module(path):
+            unknown.append(name)
+            continue
+        tensors = dict(module.tensors)
+        if module.kind == PEFT:
+            down, up = tensors.pop("lora_A.weight"), tensors.pop("lora_B.weight")
+            tensors = {
+                "lora_down.weight": down,
+                "lora_up.weight": up,
+                "alpha": tensors.get("alpha", torch.tensor(float(down.shape[0]))),
+            }
+        elif module.kind not in (LOHA, LOKR) and "alpha" not in tensors:
+            tensors["alpha"] = torch.tensor(float(module.rank))
+        if path in out:
+            raise UserError(f"{source}: module {path!r} appears twice (as kohya and dotted names?)")
+        out[path] = tensors
+    if unknown:
+        raise UserError(f"{source}: {len(unknown)} module name(s) are not {table.arch} modules, e.g. {unknown[:MAX_EXAMPLES]}")
+    return out
+
+
+def to_default(sd: Mapping[str, torch.Tensor], arch: str, source: str = "<state dict>") -> dict[str, torch.Tensor]:
+    """Any supported layout → kohya layout (``lora_unet_*`` names, ``lora_down/lora_up/alpha``)."""
+    table = name_table(arch)
+    out = {}
+    for path, tensors in _canonical(sd, table, source).items():
+        name = KOHYA_PREFIX + path.replace(".", "_")
+        for suffix, t in tensors.items():
+            out[f"{name}.{suffix}"] = t
+    return out
+
+
+def to_other(
+    sd: Mapping[str, torch.Tensor], arch: str, prefix: str = "diffusion_model", source: str = "<state dict>"
+) -> dict[str, torch.Tensor]:
+    """Any supported layout → ``<prefix>.<path>.lora_A/lora_B.weight`` with alpha folded into both factors."""
+    table = name_table(arch)
+    head = f"{prefix}." if prefix else ""
+    out = {}
+    for path, tensors in _canonical(sd, table, source).items():
+        if "lora_down.weight" not in tensors:
+            if any(s.startswith("lora_down") for s in tensors):
+                raise UserError(f"{source}: module {path!r} has split LoRA factors (lora_down.N), which lora_A/lora_B cannot hold")
+            for suffix, t in tensors.items():  # LoHa / LoKr: copied with their alpha
+                out[f"{head}{path}.{suffix}"] = t
+            continue
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        alpha = tensors.get("alpha")
+        f = fold_alpha(None if alpha is None else float(alpha.float()), down.shape[0])
+        out[f"{head}{path}.lora_A.weight"] = (down.float() * f).to(down.dtype)
+        out[f"{head}{path}.lora_B.weight"] = (up.float() * f).to(up.dtype)
+    return out
+
+
+def resolve_architecture(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], arch: str | None, source: str) -> str:
+    """``arch`` when given, else the architecture detected from metadata / key names (``UserError`` if unknown)."""
+    if arch:
+        return arch
+    found = detect_adapter_architecture(sd.keys(), metadata)
+    if found is None:
+        raise UserError(
+            f"{source}: cannot tell the architecture of this LoRA; pass --architecture ({', '.join(sorted(NAME_TABLES))})"
+        )
+    return found
+
+
+def convert_file_tensors(
+    sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], target: str, arch: str, prefix: str, source: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Convert a loaded adapter file; returns ``(tensors, metadata)`` ready to save."""
+    md = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
+    if target == "default":
+        out = to_default(sd, arch, source)
+        return out, add_hashes(out, md)
+    if target == "other":
+        return to_other(sd, arch, prefix, source), md
+    raise UserError(f"--target {target!r}: expected 'default' or 'other'")
