@@ -1,0 +1,154 @@
+"""Kandinsky 5 DiT training step (forward + backward with LoRA) — ours vs diffusers, same config, same inputs, CPU.
+
+Usage: python bench/k5_dit_step.py [--steps 3] [--threads 2]
+
+Each side runs in its own subprocess so that peak memory (ru_maxrss above the resident size measured just before
+the first step) is not polluted by the other model. ``peft`` is not a project dependency, so both models get the
+same hand-written LoRA (rank 16) on the same Linear layers: q/k/v/out of every attention and both feed-forward
+layers of every text and visual block (the K5 LoRA targets, specs/kandinsky5.md §11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+CONFIG = dict(
+    in_visual_dim=16,
+    out_visual_dim=16,
+    in_text_dim=512,
+    in_text_dim2=128,
+    time_dim=128,
+    model_dim=256,
+    ff_dim=1024,
+    num_text_blocks=2,
+    num_visual_blocks=4,
+    axes_dims=(8, 12, 12),
+    visual_cond=True,
+)
+LATENT = (1, 4, 32, 32)  # B, F, H, W  -> 4·16·16 = 1024 visual tokens
+TEXT_LEN = 64
+RANK = 16
+TARGET_LEAVES = ("to_query", "to_key", "to_value", "out_layer", "in_layer")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + up(down(x))·alpha/r`` around a frozen Linear."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.up.weight, std=1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x))
+
+
+def add_lora(model: nn.Module) -> int:
+    """Wrap the K5 LoRA targets inside text/visual blocks (modulations excluded); returns the module count."""
+    model.requires_grad_(False)
+    targets = []
+    for name, module in model.named_modules():
+        if "transformer_blocks" not in name or "modulation" in name:
+            continue
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Linear) and child_name in TARGET_LEAVES:
+                targets.append((module, child_name, child))
+    for parent, child_name, child in targets:
+        setattr(parent, child_name, LoRALinear(child, RANK))
+    return len(targets)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(side: str, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if side == "ours":
+        from musubi_tuner.kandinsky5.models.dit import DiffusionTransformer3D
+
+        model = DiffusionTransformer3D(**CONFIG)
+    else:
+        from diffusers import Kandinsky5Transformer3DModel
+
+        model = Kandinsky5Transformer3DModel(**CONFIG)
+    sd = {k: torch.randn_like(v) * 0.02 for k, v in model.state_dict().items()}
+    model.load_state_dict(sd)
+    n_lora = add_lora(model)
+    model.train()
+    b, f, h, w = LATENT
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, f, h, w, 33, generator=g)
+    text = torch.randn(b, TEXT_LEN, CONFIG["in_text_dim"], generator=g)
+    pooled = torch.randn(b, CONFIG["in_text_dim2"], generator=g)
+    t = torch.tensor([500.0])
+
+    def step() -> None:
+        if side == "ours":
+            out = model(x, text, pooled, t)
+        else:
+            pos = [torch.arange(f), torch.arange(h // 2), torch.arange(w // 2)]
+            out = model(x, text, t, pooled, pos, torch.arange(TEXT_LEN), return_dict=False)
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    base_rss = _rss_bytes()
+    step()  # warm-up (also the peak-memory sample)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = (time.perf_counter() - t0) / steps
+    return {"side": side, "seconds_per_step": dt, "peak_extra_mib": peak / 2**20, "lora_modules": n_lora}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest is reported")
+    parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.threads)))
+        return
+    # Alternate the sides and keep each side's fastest run: the machine may be shared, and contention only slows.
+    results: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for side in ("ours", "diffusers"):
+            cmd = [sys.executable, __file__, "--worker", side, "--steps", str(args.steps), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            if side not in results or r["seconds_per_step"] < results[side]["seconds_per_step"]:
+                results[side] = r
+    ours, ref = results["ours"], results["diffusers"]
+    tokens = LATENT[1] * (LATENT[2] // 2) * (LATENT[3] // 2)
+    print(
+        f"config: model_dim {CONFIG['model_dim']}, {CONFIG['num_text_blocks']}+{CONFIG['num_visual_blocks']} blocks, "
+        f"{tokens} visual + {TEXT_LEN} text tokens, LoRA rank {RANK} on {ours['lora_modules']} Linears, "
+        f"fp32 CPU, {args.threads} threads, {args.steps} timed steps, best of {args.repeats} runs"
+    )
+    print(f"{'':10s} {'s/step':>8s} {'peak MiB':>9s}")
+    for name, r in (("ours", ours), ("diffusers", ref)):
+        print(f"{name:10s} {r['seconds_per_step']:8.3f} {r['peak_extra_mib']:9.1f}")
+    print(
+        f"time ratio ours/diffusers: {ours['seconds_per_step'] / ref['seconds_per_step']:.2f}; "
+        f"peak memory ratio: {ours['peak_extra_mib'] / max(ref['peak_extra_mib'], 1e-9):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
