@@ -46,7 +46,7 @@ class TinyDiT(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
     def _block_lists(self):
         return [self.text_blocks, self.visual_blocks]
 
-    def _split_blocks_to_swap(self, n):
+    def _split_blocks_to_swap(self, n, training=False):
         text = max(0, min(len(self.text_blocks) // 2, n // 4))
         visual = min(max(1, n - text), len(self.visual_blocks) - 2)
         return [text, visual]

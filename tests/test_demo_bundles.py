@@ -55,7 +55,7 @@ def test_dit_loads_through_our_loader(k5_bundle: K5Bundle):
     from musubi_tuner.kandinsky5.models.loading import load_dit
 
     task = get_task_config(k5_bundle.task)
-    a = load_dit(task, k5_bundle.dit, dtype=torch.float32, params=dict(k5_bundle.dit_config))
+    a = load_dit(task, k5_bundle.dit, dtype=torch.float32)  # dims from the k5_dit_config metadata
     b = load_dit(task, k5_bundle.dit_diffusers, dtype=torch.float32)  # dims from config.json
     sd = load_file(str(k5_bundle.dit))
     for key, t in a.state_dict().items():

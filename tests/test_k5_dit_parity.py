@@ -258,6 +258,9 @@ def test_block_swap_split_rule():
     assert lite._split_blocks_to_swap(8) == [1, 7]
     assert lite._split_blocks_to_swap(40) == [1, 30]  # visual capped at 32 - 2
     assert pro._split_blocks_to_swap(20) == [2, 18]
+    # training: an offloader swaps at most N - 2 blocks of a list, so Lite keeps both text blocks resident
+    assert lite._split_blocks_to_swap(8, training=True) == [0, 8]
+    assert pro._split_blocks_to_swap(20, training=True) == [2, 18]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

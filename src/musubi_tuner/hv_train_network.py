@@ -638,10 +638,6 @@ class NetworkTrainer:
         skip = state.steps_in_epoch
         if skip >= len(run.loader):
             first_epoch, skip = first_epoch + 1, 0
-        # the dataset layer's per-epoch shuffle currently depends on the previous epochs' orders (in-place bucket
-        # shuffles), so a resumed run replays the earlier reshuffles (cheap: index lists only) to get the same order
-        for earlier in range(1, first_epoch):
-            run.dataset.use_epoch(earlier)
         for epoch in range(first_epoch, run.num_epochs + 1):
             if state.current_step >= args.max_train_steps:
                 break

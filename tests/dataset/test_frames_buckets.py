@@ -121,3 +121,27 @@ def test_resize_covers_and_centre_crops():
     assert arr[32, 32].min() > 200 and arr[2, 2].max() < 30  # centre kept, corners black
     up = resize_to_bucket(Image.new("RGB", (10, 20)), (32, 48))
     assert up.size == (32, 48)
+
+
+def test_batch_plan_epoch_order_depends_only_on_its_own_seed():
+    import random
+
+    from musubi_tuner.dataset.batching import BatchPlan
+
+    def plan():
+        p = BatchPlan(2)
+        for i in range(7):
+            p.add("a" if i % 2 else "b", i, num_repeats=2)
+        return p
+
+    def snapshot(p):
+        return list(p.batches), {k: list(v) for k, v in p.buckets.items()}
+
+    resumed_at_epoch_2 = plan()
+    resumed_at_epoch_2.build(random.Random(2))
+    uninterrupted = plan()
+    uninterrupted.build(random.Random(1))
+    uninterrupted.build(random.Random(2))
+    assert snapshot(uninterrupted) == snapshot(resumed_at_epoch_2)
+    uninterrupted.build(None)
+    assert uninterrupted.buckets == {"a": [1, 1, 3, 3, 5, 5], "b": [0, 0, 2, 2, 4, 4, 6, 6]}

@@ -56,25 +56,30 @@ def assemble_batch(items: Sequence[dict[str, torch.Tensor]], files: Sequence[str
 class BatchPlan:
     """Items grouped by a hashable batch key; each item repeated ``num_repeats`` times; whole batches per key.
 
-    ``shuffle(seed)`` shuffles the items inside every bucket and the batch order with ``random.Random(seed)``;
-    without shuffling the order is the (sorted) insertion order.
+    ``build(rng)`` shuffles the items inside every bucket and the batch order with ``rng``; without it the order
+    is the (sorted) insertion order. Every build starts from the insertion order, so an epoch's order depends only
+    on its own ``rng`` (a resumed run rebuilds epoch N without replaying epochs 1..N-1).
     """
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
+        self._inserted: dict[Hashable, list[int]] = {}
         self.buckets: dict[Hashable, list[int]] = {}
         self.batches: list[tuple[Hashable, int]] = []
 
     def add(self, key: Hashable, item: int, num_repeats: int = 1) -> None:
+        self._inserted.setdefault(key, []).extend([item] * num_repeats)
         self.buckets.setdefault(key, []).extend([item] * num_repeats)
 
     def build(self, rng: random.Random | None = None) -> None:
         """(Re)build the batch list, shuffling inside buckets and the batch order when ``rng`` is given."""
         self.batches = []
-        for key in sorted(self.buckets, key=repr):
-            members = self.buckets[key]
+        self.buckets = {}
+        for key in sorted(self._inserted, key=repr):
+            members = list(self._inserted[key])
             if rng is not None:
                 rng.shuffle(members)
+            self.buckets[key] = members
             self.batches.extend((key, start) for start in range(0, len(members), self.batch_size))
         if rng is not None:
             rng.shuffle(self.batches)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from musubi_tuner.kandinsky5.models.loading import DIT_CONFIG_METADATA_KEY
 from musubi_tuner.utils.atomic import save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
@@ -39,7 +40,6 @@ logger = get_logger(__name__)
 BUNDLE_VERSION = 1
 MANIFEST = "bundle.json"
 
-DIT_CONFIG_METADATA_KEY = "k5_dit_config"
 VAE_CONFIG_METADATA_KEY = "vae_config"
 
 QWEN_HIDDEN = 32  # tiny Qwen2.5-VL text width = the DiT's in_text_dim

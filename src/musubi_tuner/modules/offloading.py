@@ -379,7 +379,7 @@ def _disable_dynamo_on_linears(blocks: nn.ModuleList) -> None:
 class BlockSwapMixin:
     """The block-swap model contract for a DiT (``nn.Module`` subclass).
 
-    A model provides ``_block_lists()`` and may override ``_split_blocks_to_swap(n)``; its forward loop calls
+    A model provides ``_block_lists()`` and may override ``_split_blocks_to_swap(n, training)``; its forward loop calls
     ``self._before_block(list_idx, i)`` before and ``self._after_block(list_idx, i)`` after block ``i`` of list
     ``list_idx`` (both are no-ops while block swap is off).
     """
@@ -390,8 +390,11 @@ class BlockSwapMixin:
     def _block_lists(self) -> list[nn.ModuleList]:
         raise NotImplementedError("a DiT using BlockSwapMixin must implement _block_lists()")
 
-    def _split_blocks_to_swap(self, num_blocks: int) -> list[int]:
-        """How many blocks each list swaps; default: all to the last (the main transformer) list."""
+    def _split_blocks_to_swap(self, num_blocks: int, training: bool = False) -> list[int]:
+        """How many blocks each list swaps; default: all to the last (the main transformer) list.
+
+        ``training`` is True when the offloader will run backward too (each list can then swap at most N - 2).
+        """
         counts = [0] * len(self._block_lists())
         counts[-1] = num_blocks
         return counts
@@ -402,7 +405,7 @@ class BlockSwapMixin:
         if num_blocks < 0:
             raise UserError(f"--blocks_to_swap must be >= 0, got {num_blocks}")
         lists = self._block_lists()
-        counts = self._split_blocks_to_swap(num_blocks)
+        counts = self._split_blocks_to_swap(num_blocks, training=config.supports_backward)
         if len(counts) != len(lists):
             raise ValueError(f"_split_blocks_to_swap returned {len(counts)} counts for {len(lists)} block lists")
         self.blocks_to_swap = num_blocks

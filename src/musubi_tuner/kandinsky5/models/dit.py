@@ -391,11 +391,17 @@ class DiffusionTransformer3D(BlockSwapMixin, GradientCheckpointingMixin, nn.Modu
     def _block_lists(self) -> list[nn.ModuleList]:
         return [self.text_transformer_blocks, self.visual_transformer_blocks]
 
-    def _split_blocks_to_swap(self, n: int) -> list[int]:
-        """musubi split (training.md §15.1): a quarter (at most half the text blocks) from text, the rest visual."""
+    def _split_blocks_to_swap(self, n: int, training: bool = False) -> list[int]:
+        """musubi split (training.md §15.1): a quarter (at most half the text blocks) from text, the rest visual.
+
+        In training an offloader can swap at most N - 2 blocks of a list, so the text share is also capped at
+        ``num_text_blocks - 2`` (Lite's two text blocks then stay resident; Pro swaps up to two of four).
+        """
         if n <= 0:
             return [0, 0]
         text = max(0, min(self.num_text_blocks // 2, n // 4))
+        if training:
+            text = min(text, max(0, self.num_text_blocks - 2))
         visual = min(max(1, n - text), self.num_visual_blocks - 2)
         return [text, visual]
 

@@ -32,6 +32,10 @@ FP8_BLOCK_SIZE = 64
 
 _DIFFUSERS_ONLY_FIELDS = ("_class_name", "_diffusers_version", "_name_or_path")
 
+# A single-file checkpoint may carry its constructor arguments as JSON in this metadata key (the tiny demo bundles
+# do; official files do not, and then the task's dims apply).
+DIT_CONFIG_METADATA_KEY = "k5_dit_config"
+
 
 def k5_fp8_config(scaled: bool = True, use_scaled_mm: bool = False, block_size: int = FP8_BLOCK_SIZE) -> Fp8Config:
     """fp8 settings for the K5 DiT: block-wise scaled (``--fp8_scaled``) or plain cast (``--fp8_base``)."""
@@ -54,11 +58,19 @@ def _transformer_dir(path: Path) -> Path | None:
 def read_diffusers_config(config_path: Path) -> dict:
     """DiT constructor arguments from a diffusers ``config.json`` (bookkeeping fields dropped)."""
     try:
-        cfg = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        text = config_path.read_text(encoding="utf-8")
+    except OSError as e:
         raise UserError(f"{config_path}: cannot read the transformer config ({e})") from None
+    return _params_from_json(text, str(config_path))
+
+
+def _params_from_json(text: str, source: str) -> dict:
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{source}: cannot read the transformer config ({e})") from None
     if not isinstance(cfg, dict):
-        raise UserError(f"{config_path}: expected a JSON object")
+        raise UserError(f"{source}: expected a JSON object")
     params = {k: v for k, v in cfg.items() if k not in _DIFFUSERS_ONLY_FIELDS}
     for key in ("patch_size", "axes_dims"):
         if key in params:
@@ -133,7 +145,8 @@ def load_dit(
         fp8_base / fp8_scaled / fp8_fast: plain fp8 cast, block-scaled fp8, scaled_mm kernels.
         attn_mode: attention backend for dense attention (``modules.attention`` modes).
         lora_deltas: hook merging LoRA deltas into each weight in high precision, before any fp8 quantisation.
-        params: explicit constructor arguments (tiny demo bundles); overrides the task dims.
+        params: explicit constructor arguments; overrides the task dims. Without it: a diffusers directory's
+            ``config.json``, else a single file's ``k5_dit_config`` metadata, else the task's dims.
     """
     path = Path(dit_path)
     if not path.exists():
@@ -141,18 +154,20 @@ def load_dit(
     tdir = _transformer_dir(path)
     if params is None and tdir is not None and (tdir / "config.json").is_file():
         params = read_diffusers_config(tdir / "config.json")
-    if params is None:
-        params = dit_params_for(task_config)
-
-    try:
-        with torch.device("meta"):
-            model = DiffusionTransformer3D(**params, attn_mode=attn_mode)
-    except TypeError as e:
-        raise UserError(f"{path}: unsupported transformer config ({e})") from None
 
     fp8 = k5_fp8_config(scaled=fp8_scaled or fp8_fast, use_scaled_mm=fp8_fast) if (fp8_base or fp8_scaled or fp8_fast) else None
     reader = open_weights(tdir if tdir is not None else path)
     try:
+        if params is None:
+            embedded = reader.metadata().get(DIT_CONFIG_METADATA_KEY)
+            params = _params_from_json(embedded, f"{path} metadata {DIT_CONFIG_METADATA_KEY}") if embedded else None
+        if params is None:
+            params = dit_params_for(task_config)
+        try:
+            with torch.device("meta"):
+                model = DiffusionTransformer3D(**params, attn_mode=attn_mode)
+        except TypeError as e:
+            raise UserError(f"{path}: unsupported transformer config ({e})") from None
         check_checkpoint_fits(reader, model, task_config.name)
         result = load_weights_into_model(
             model,
