@@ -249,3 +249,13 @@ def test_base_weights_are_merged_before_training(toy, tmp_path):
     expected = base + 0.5 * (alpha / down.shape[0]) * (up @ down)
     assert not torch.allclose(expected, base)
     assert torch.allclose(probe.fc1, expected, atol=1e-6)
+
+
+def test_jsonl_tracker_records_every_step(toy, tmp_path):
+    from musubi_tuner.training.trackers import METRICS_FILE, read_metrics
+
+    train(*toy, tmp_path / "a", "--max_train_steps", "3", "--log_with", "jsonl", "--logging_dir", str(tmp_path / "logs"))
+    (metrics,) = (tmp_path / "logs").rglob(METRICS_FILE)
+    records = [r for r in read_metrics(metrics) if "loss/current" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(isinstance(r["loss/current"], float) for r in records)

@@ -29,17 +29,30 @@ def run_name(args: Any) -> str:
     return f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S', time.localtime())}"
 
 
-def _log_with(args: Any) -> list[str] | None:
+def _require(package: str, choice: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"--log_with {choice}: the {package} package is not installed (pip install {package})")
+
+
+def _log_with(args: Any, project_dir: str | None) -> list[Any] | None:
+    """Trackers for ``Accelerator(log_with=...)``; ``--logging_dir`` alone means TensorBoard (musubi behaviour)."""
     choice = args.log_with
     if choice is None:
-        return ["tensorboard"] if args.logging_dir else None
-    if choice in ("wandb", "all"):
-        try:
-            import wandb  # type: ignore[import-not-found]  # noqa: F401
-        except ImportError:
-            raise UserError(f"--log_with {choice}: the wandb package is not installed (pip install wandb)") from None
-    if choice in ("tensorboard", "all") and not args.logging_dir:
+        if not args.logging_dir:
+            return None
+        choice = "tensorboard"
+    if choice in ("tensorboard", "all", "jsonl") and not args.logging_dir:
         raise UserError(f"--log_with {choice} needs --logging_dir")
+    if choice in ("tensorboard", "all"):
+        _require("tensorboard", choice)
+    if choice in ("wandb", "all"):
+        _require("wandb", choice)
+    if choice == "jsonl":
+        from musubi_tuner.training.trackers import JsonlTracker
+
+        return [JsonlTracker(Path(project_dir).name, project_dir)]
     return {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[choice]
 
 
@@ -48,14 +61,14 @@ def prepare_accelerator(args: Any, tracker_run: str | None = None):
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
 
-    log_with = _log_with(args)
+    project_dir = None
+    if args.logging_dir:
+        project_dir = str(Path(args.logging_dir) / (tracker_run or run_name(args)))
+    log_with = _log_with(args, project_dir)
     if args.wandb_api_key and log_with and "wandb" in log_with:
         import wandb  # type: ignore[import-not-found]
 
         wandb.login(key=args.wandb_api_key)
-    project_dir = None
-    if args.logging_dir:
-        project_dir = str(Path(args.logging_dir) / (tracker_run or run_name(args)))
     kwargs_handlers: list[Any] = []
     pg: dict[str, Any] = {"backend": process_group_backend()}
     if args.ddp_timeout:

@@ -114,7 +114,13 @@ def setup_parser_common() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("logging")
     g.add_argument("--logging_dir", type=str, default=None, help="log directory (enables TensorBoard)")
-    g.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"], help="trackers")
+    g.add_argument(
+        "--log_with",
+        type=str,
+        default=None,
+        choices=["tensorboard", "wandb", "all", "jsonl"],
+        help="trackers (tensorboard and wandb need their packages; jsonl writes <logging_dir>/<run>/metrics.jsonl)",
+    )
     g.add_argument("--log_prefix", type=str, default=None, help="prefix of the run directory name")
     g.add_argument("--log_tracker_name", type=str, default=None, help="tracker project name (default network_train)")
     g.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
