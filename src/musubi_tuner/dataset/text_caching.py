@@ -123,18 +123,19 @@ def cache_text_encoder_outputs(
     *,
     architecture: str | ArchInfo,
     encode: TextEncodeFn,
-    extra_metadata: dict[str, str] | None = None,
+    extra_metadata: dict[str, str] | Callable[[DatasetParams], dict[str, str]] | None = None,
     runtime_params: dict[str, Any] | None = None,
 ) -> None:
     """Encode every caption of ``args.dataset_config`` with ``encode`` and write the TE caches.
 
     ``encode(items)`` returns one dict of named tensors per item (variable-length ones named ``varlen_<name>``).
     Items are batched per dataset (image and video datasets never share a call). ``extra_metadata`` (e.g. the
-    template and max length an encoder used) is stored, and a cache with other values is re-encoded.
+    template and max length an encoder used) is stored, and a cache with other values is re-encoded; it may be a
+    function of the dataset (``DatasetParams -> dict``) when the values differ per dataset (e.g. video vs image template).
     """
     arch = architecture if isinstance(architecture, ArchInfo) else arch_info(architecture)
-    extra = dict(extra_metadata or {})
     datasets = resolve_datasets(args.dataset_config, architecture=arch, args=args, runtime_params=runtime_params)
+    extras = {p.index: dict((extra_metadata(p) if callable(extra_metadata) else extra_metadata) or {}) for p in datasets}
     workers = max(1, args.num_workers if getattr(args, "num_workers", None) is not None else (os.cpu_count() or 2) - 1)
     items = collect_text_items(datasets, arch, workers)
     expected: dict[Path, set[Path]] = {}
@@ -142,7 +143,7 @@ def cache_text_encoder_outputs(
         expected.setdefault(Path(it.dataset.cache_directory).resolve(), set()).add(it.cache_path.resolve())
     todo = items
     if getattr(args, "skip_existing", False):
-        todo = [it for it in items if _needs_encoding(it.cache_path, arch, it.caption, extra)]
+        todo = [it for it in items if _needs_encoding(it.cache_path, arch, it.caption, extras[it.dataset.index])]
         logger.info(f"{len(items) - len(todo)} TE caches skipped (exist and match), {len(todo)} to encode")
     with tqdm(total=len(todo), desc="encoding captions", unit="caption") as bar:
         for params in datasets:
@@ -154,7 +155,7 @@ def cache_text_encoder_outputs(
                 if len(outputs) != len(batch):
                     raise RuntimeError(f"encode returned {len(outputs)} results for {len(batch)} captions")
                 for it, named in zip(batch, outputs):
-                    write_te_cache(it.cache_path, named, arch, it.caption, extra)
+                    write_te_cache(it.cache_path, named, arch, it.caption, extras[it.dataset.index])
                 bar.update(len(batch))
     if not getattr(args, "keep_cache", False):
         removed = delete_stale(expected, te_cache_glob(arch.short))
