@@ -101,7 +101,9 @@ def add_blissful_k5_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     k.add_argument(
         "--force_nabla_attn", "--use_nabla_attn", dest="force_nabla_attn", action="store_true", help="NABLA sparse attention"
     )
-    k.add_argument("--nabla_p", type=float, default=0.9, help="NABLA cumulative-mass threshold in (0, 1]")
+    k.add_argument(
+        "--nabla_p", type=float, default=None, help="NABLA cumulative-mass threshold in (0, 1] (default: the task's P, else 0.9)"
+    )
     k.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoders on the CPU")
     k.add_argument("--text_encoder_auto", action="store_true", help="place Qwen2.5-VL with device_map='auto'")
     k.add_argument("--quantized_qwen", action="store_true", help="load Qwen2.5-VL in NF4 (needs bitsandbytes)")

@@ -9,7 +9,8 @@ RGB decoding:
 - **latent2rgb** (default): ``rgb = M·z + b`` per latent pixel with a fixed per-family ``LatentRGBTable``, min–max
   normalised over the whole clip, upscaled ×8 (bicubic). ``HUNYUAN_VIDEO_RGB`` (the widely used ComfyUI factors
   for the HunyuanVideo VAE) is the default for Kandinsky 5 video latents, which use that VAE; it is an
-  approximation meant for judging composition and motion, not colours. ``WAN21_RGB`` is provided for Wan 2.1.
+  approximation meant for judging composition and motion, not colours. ``WAN21_RGB`` is provided for Wan 2.1,
+  ``FLUX1_RGB`` for FLUX.1-VAE latents (Kandinsky 5 Image Lite).
   Other families pass their own table.
 - **tiny decoder**: a callable ``(1, C, F, H, W) latent → (F, 3, H', W')`` RGB in [0, 1] (``load_preview_decoder``
   wraps a diffusers ``AutoencoderTiny`` directory, e.g. TAESD/taef1 for 16-channel FLUX-VAE images, decoding frame
@@ -90,6 +91,29 @@ WAN21_RGB = LatentRGBTable(
         (0.1984, 0.0913, 0.1861),
     ),
     bias=(-0.1835, -0.0868, -0.3360),
+)
+
+# ComfyUI latent2rgb factors for the FLUX.1 VAE (FLUX.1, Kandinsky 5 Image Lite). Approximate.
+FLUX1_RGB = LatentRGBTable(
+    factors=(
+        (-0.0346, 0.0244, 0.0681),
+        (0.0034, 0.0210, 0.0687),
+        (0.0275, -0.0668, -0.0433),
+        (-0.0174, 0.0160, 0.0617),
+        (0.0859, 0.0721, 0.0329),
+        (0.0004, 0.0383, 0.0115),
+        (0.0405, 0.0861, 0.0915),
+        (-0.0236, -0.0185, -0.0259),
+        (-0.0245, 0.0250, 0.1180),
+        (0.1008, 0.0755, -0.0421),
+        (-0.0515, 0.0201, 0.0011),
+        (0.0428, -0.0012, -0.0036),
+        (0.0817, 0.0765, 0.0749),
+        (-0.1264, -0.0522, -0.1103),
+        (-0.0280, -0.0881, -0.0499),
+        (-0.1262, -0.0982, -0.0778),
+    ),
+    bias=(-0.0329, -0.0718, -0.0851),
 )
 
 PreviewDecoder = Callable[[torch.Tensor], torch.Tensor]
