@@ -830,6 +830,10 @@ def _first(result: Any) -> Any:
 def _cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast floating parameters/buffers that are not fp8 already (fp8 weights and their scales stay as loaded)."""
     fp8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+    to_dtype = getattr(module, "to_dtype", None)
+    if callable(to_dtype) and dtype not in fp8:
+        to_dtype(dtype)  # models with float32 islands (Kandinsky 5 modulations) keep them
+        return
     for t in list(module.parameters()) + list(module.buffers()):
         if t.is_floating_point() and t.dtype not in fp8 and dtype not in fp8 and t.dtype != dtype:
             t.data = t.data.to(dtype)
