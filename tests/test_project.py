@@ -56,3 +56,15 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"], "temporary file left behind"
     atomic_write_text(target, "new")
     assert target.read_text() == "new"
+
+
+def test_console_scripts_point_at_main_functions():
+    import importlib
+
+    import toml
+
+    scripts = toml.load(ROOT / "pyproject.toml")["project"]["scripts"]
+    assert "blissful-tuner-demo" in scripts and "kandinsky5-train-network" in scripts
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
