@@ -70,9 +70,10 @@ def test_doc_commands_run_as_written(tmp_path):
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 17 and frames[0].shape == (64, 64, 3)
 
-    with safe_open(str(work / "merged_dit.safetensors"), "pt") as merged, safe_open(
-        str(work / "bundle" / "dit" / "k5_tiny.safetensors"), "pt"
-    ) as base:
+    with (
+        safe_open(str(work / "merged_dit.safetensors"), "pt") as merged,
+        safe_open(str(work / "bundle" / "dit" / "k5_tiny.safetensors"), "pt") as base,
+    ):
         assert set(merged.keys()) == set(base.keys())
         key = "visual_transformer_blocks.0.self_attention.to_query.weight"
         assert not (merged.get_tensor(key) == base.get_tensor(key)).all()  # the LoRA was merged into it
