@@ -437,7 +437,9 @@ def test_override_dit_is_applied(k5_bundle, tmp_path):
 
 def test_every_k5_option_is_consumed():
     """No dead flags (defect #8): each option of the Kandinsky 5 group is read by the trainer code."""
-    code = (ROOT / "src" / "musubi_tuner" / "kandinsky5_train_network.py").read_text()
+    src = ROOT / "src" / "musubi_tuner"
+    # the trainer, and the text-encoder factory it hands its args to (Kandinsky5TextEncoder.from_args)
+    code = (src / "kandinsky5_train_network.py").read_text() + (src / "kandinsky5" / "text_encoders.py").read_text()
     common = {a.dest for a in __import__("musubi_tuner.training.args", fromlist=["x"]).setup_parser_common()._actions}
     unused = [
         a.dest

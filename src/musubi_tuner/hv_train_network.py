@@ -51,22 +51,13 @@ from musubi_tuner.training.saving import (
 )
 from musubi_tuner.training.timesteps import TimestepConfig, TimestepSampler, noisy_input, show_timesteps
 from musubi_tuner.training.validation import should_validate, validation_loss
+from musubi_tuner.utils.dtypes import parse_dtype
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
 
 logger = get_logger(__name__)
 
 __all__ = ["DiTOutput", "NetworkTrainer", "read_config_from_file", "setup_parser_common", "resolve_network_module"]
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
 @dataclass
@@ -76,16 +67,6 @@ class DiTOutput:
     pred: torch.Tensor
     target: torch.Tensor
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
-    """``"bf16"``/``"bfloat16"``/... → dtype; None → ``default``."""
-    if name is None:
-        return default
-    key = str(name).removeprefix("torch.").lower()
-    if key not in _DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[key]
 
 
 def resolve_network_module(name: str) -> str:
@@ -440,7 +421,7 @@ class NetworkTrainer:
         # seed + process index: each process draws its own noise; the data order uses the shared seed and the
         # network's initial weights are broadcast from process 0
         set_seed(args.seed, device_specific=True)
-        run.dit_dtype = parse_dtype(getattr(args, "dit_dtype", None), torch.bfloat16)
+        run.dit_dtype = parse_dtype(getattr(args, "dit_dtype", None), torch.bfloat16, flag="--dit_dtype")
         if args.fp8_scaled:
             run.dit_weight_dtype = None
         elif args.fp8_base:
@@ -455,7 +436,7 @@ class NetworkTrainer:
         if not Path(args.sample_prompts).is_file():
             raise UserError(f"--sample_prompts: file not found: {args.sample_prompts}")
         run.sample_parameters = self.process_sample_prompts(args, run.accelerator, args.sample_prompts)
-        run.vae = self.load_vae(args, parse_dtype(args.vae_dtype, self.default_vae_dtype), args.vae)
+        run.vae = self.load_vae(args, parse_dtype(args.vae_dtype, self.default_vae_dtype, flag="--vae_dtype"), args.vae)
 
     def _load_dit(self, run: _Run) -> None:
         args, accelerator = run.args, run.accelerator

@@ -24,11 +24,11 @@ from musubi_tuner.kandinsky5.caching import (
     invalidate_mismatched_latent_caches,
     is_multi_frame,
     nabla_size,
-    parse_dtype,
     resolve_device,
 )
 from musubi_tuner.kandinsky5.configs import get_task_config
 from musubi_tuner.kandinsky5.vae import K5Vae, load_k5_vae
+from musubi_tuner.utils.dtypes import parse_dtype
 from musubi_tuner.utils.errors import UserError, cli_entry
 from musubi_tuner.utils.log import get_logger
 

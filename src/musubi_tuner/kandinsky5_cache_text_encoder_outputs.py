@@ -150,16 +150,8 @@ class TextEncoderRun:
         if self.encoder is None:
             a = self.args
             explicit = a.qwen_max_length if a.qwen_max_length is not None else (self.task.qwen_max_length if self.task else None)
-            self.encoder = Kandinsky5TextEncoder(
-                a.text_encoder_qwen,
-                a.text_encoder_clip,
-                device=self.device,
-                dtype=TEXT_ENCODER_DTYPE,
-                text_encoder_cpu=a.text_encoder_cpu,
-                text_encoder_auto=a.text_encoder_auto,
-                quantized_qwen=a.quantized_qwen,
-                qwen_max_length=explicit,
-                clip_max_length=a.clip_max_length,
+            self.encoder = Kandinsky5TextEncoder.from_args(
+                a, device=self.device, dtype=TEXT_ENCODER_DTYPE, qwen_max_length=explicit, clip_max_length=a.clip_max_length
             )
         return self.encoder
 

@@ -44,7 +44,7 @@ from blissful_tuner.media_output import (
 from blissful_tuner.metadata import prepare_metadata
 from blissful_tuner.seeds import make_generator, seed_everything
 from blissful_tuner.utils import apply_precision_flags, compile_kwargs, ring_bell
-from musubi_tuner.kandinsky5.caching import parse_dtype, resolve_device
+from musubi_tuner.kandinsky5.caching import resolve_device
 from musubi_tuner.kandinsky5.configs import TaskConfig, get_task_config, task_names
 from musubi_tuner.kandinsky5.models.loading import load_dit
 from musubi_tuner.kandinsky5.models.nabla import build_sparse_params, check_nabla_geometry
@@ -60,6 +60,7 @@ from musubi_tuner.kandinsky5.pipeline import (
 from musubi_tuner.kandinsky5.vae import HUNYUAN_TEMPORAL_COMPRESSION, K5Vae, load_k5_vae
 from musubi_tuner.modules.attention import attention_mode_from_args
 from musubi_tuner.modules.fp8_optimization import check_scaled_mm_supported
+from musubi_tuner.utils.dtypes import parse_dtype
 from musubi_tuner.utils.errors import UserError, cli_entry
 from musubi_tuner.utils.log import get_logger
 from musubi_tuner.utils.safetensors_utils import open_weights
@@ -506,16 +507,8 @@ class K5Generator:
         if self.te is None:
             from musubi_tuner.kandinsky5.text_encoders import Kandinsky5TextEncoder
 
-            a = self.args
-            self.te = Kandinsky5TextEncoder(
-                a.text_encoder_qwen,
-                a.text_encoder_clip,
-                device=self.device,
-                dtype=self.te_dtype,
-                text_encoder_cpu=a.text_encoder_cpu,
-                text_encoder_auto=a.text_encoder_auto,
-                quantized_qwen=a.quantized_qwen,
-                qwen_max_length=self.task.qwen_max_length,
+            self.te = Kandinsky5TextEncoder.from_args(
+                self.args, device=self.device, dtype=self.te_dtype, qwen_max_length=self.task.qwen_max_length
             )
         elif self.interactive and not self.args.text_encoder_cpu:
             self.te.to(self.device)

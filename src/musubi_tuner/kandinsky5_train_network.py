@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.hv_train_network import DiTOutput, NetworkTrainer, parse_dtype, read_config_from_file, setup_parser_common
+from musubi_tuner.hv_train_network import DiTOutput, NetworkTrainer, read_config_from_file, setup_parser_common
 from musubi_tuner.kandinsky5.conditioning import loss_frame_weights
 from musubi_tuner.kandinsky5.configs import TaskConfig, get_task_config, task_names
 from musubi_tuner.kandinsky5.models.nabla import NABLA_METHODS
@@ -35,6 +35,7 @@ from musubi_tuner.kandinsky5.training import (
     parse_override_dit,
     resolve_nabla_settings,
 )
+from musubi_tuner.utils.dtypes import parse_dtype
 from musubi_tuner.utils.errors import UserError, cli_entry
 from musubi_tuner.utils.log import get_logger
 
@@ -214,7 +215,7 @@ class Kandinsky5NetworkTrainer(NetworkTrainer):
         if self._override_dit:
             params = {**base_dit_params(self.task, dit_path), **self._override_dit}
             logger.info(f"--override_dit: {self._override_dit}")
-        compute = parse_dtype(args.dit_dtype, torch.bfloat16)
+        compute = parse_dtype(args.dit_dtype, torch.bfloat16, flag="--dit_dtype")
         return load_dit(
             self.task,
             dit_path,
@@ -240,7 +241,7 @@ class Kandinsky5NetworkTrainer(NetworkTrainer):
         assert self.task is not None
         if not args.vae:
             raise UserError("--vae is needed to encode the sample images (--i / --ei / --ci in --sample_prompts)")
-        dtype = vae_dtype or parse_dtype(args.vae_dtype, self.default_vae_dtype)
+        dtype = vae_dtype or parse_dtype(args.vae_dtype, self.default_vae_dtype, flag="--vae_dtype")
         return load_k5_vae(args.vae, kind=self.task.vae, dtype=dtype, device="cpu", tiling=torch.cuda.is_available())
 
     # -- the step ----------------------------------------------------------------------------------------------------
@@ -318,15 +319,8 @@ class Kandinsky5NetworkTrainer(NetworkTrainer):
                 p["k5_key"] = (mode,)
                 jobs.setdefault(mode, set()).update(texts)
 
-        encoder = Kandinsky5TextEncoder(
-            args.text_encoder_qwen,
-            args.text_encoder_clip,
-            device=accelerator.device,
-            dtype=torch.bfloat16,
-            text_encoder_cpu=args.text_encoder_cpu,
-            text_encoder_auto=args.text_encoder_auto,
-            quantized_qwen=args.quantized_qwen,
-            qwen_max_length=task.qwen_max_length,
+        encoder = Kandinsky5TextEncoder.from_args(
+            args, device=accelerator.device, dtype=torch.bfloat16, qwen_max_length=task.qwen_max_length
         )
         encoded: dict[tuple, dict[str, torch.Tensor]] = {}
         try:

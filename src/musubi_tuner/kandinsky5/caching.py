@@ -39,27 +39,6 @@ logger = get_logger(__name__)
 NABLA_ALIGN = 128  # NABLA tiles are 8x8 tokens of the 2x2-patchified x8 latent grid: 128 px
 VAE_DTYPE_DEFAULTS = {"hunyuan_video": torch.float16, "flux1": torch.bfloat16}  # official dtypes (spec §6, §12.1)
 
-_DTYPES: dict[str, torch.dtype] = {
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-}
-
-
-def parse_dtype(name: str | None, default: torch.dtype, *, flag: str) -> torch.dtype:
-    """``"fp16"`` / ``"bfloat16"`` / ``"torch.float32"`` ... → dtype; None → ``default``; unknown → ``UserError`` naming ``flag``."""
-    if name is None:
-        return default
-    key = str(name).removeprefix("torch.").lower()
-    if key not in _DTYPES:
-        raise UserError(f"{flag} {name!r}: unknown dtype; use one of {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[key]
-
 
 def resolve_device(name: str | None, *, flag: str = "--device") -> torch.device:
     """``--device``: None → ``cuda`` when available, else ``cpu``; an unusable device is a ``UserError``."""

@@ -383,6 +383,30 @@ class Kandinsky5TextEncoder:
         self.qwen_max_length = qwen_max_length
         self.clip_max_length = clip_max_length
 
+    @classmethod
+    def from_args(
+        cls,
+        args: Any,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.bfloat16,
+        qwen_max_length: int | None = None,
+        clip_max_length: int = CLIP_MAX_LENGTH,
+    ) -> Kandinsky5TextEncoder:
+        """Build from the shared command-line options (``--text_encoder_qwen``, ``--text_encoder_clip``,
+        ``--text_encoder_cpu``, ``--text_encoder_auto``, ``--quantized_qwen``) of the caching, training and generate scripts."""
+        return cls(
+            args.text_encoder_qwen,
+            args.text_encoder_clip,
+            device=device,
+            dtype=dtype,
+            text_encoder_cpu=args.text_encoder_cpu,
+            text_encoder_auto=args.text_encoder_auto,
+            quantized_qwen=args.quantized_qwen,
+            qwen_max_length=qwen_max_length,
+            clip_max_length=clip_max_length,
+        )
+
     def max_length_for(self, mode: str) -> int:
         """Qwen token budget used for ``mode`` (explicit value, else 256 video / 512 image)."""
         return self.qwen_max_length if self.qwen_max_length is not None else qwen_max_length_for(mode)
