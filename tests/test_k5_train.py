@@ -465,3 +465,28 @@ def test_example_configs_parse():
     assert [s.frame_count for s in specs] == [49, 25, 1] and specs[1].cfg_scale == 5.0
     i2v = load_prompt_file(ROOT / "configs" / "k5_i2v_sample_prompts.txt")
     assert all(s.image_path for s in i2v) and i2v[1].end_image_path
+
+
+def test_loha_trains_on_kandinsky5_and_generates(k5_bundle, k5_data, tmp_path):
+    """LoHa is not limited to training: `networks.loha` trains on the K5 DiT and the file loads in the generator."""
+    argv = argv_for(k5_bundle, k5_data, tmp_path / "loha")
+    argv[argv.index("networks.lora_kandinsky")] = "networks.loha"
+    sd = train(argv)
+    names = {k.split(".")[0] for k in sd}
+    assert len(names) == 2 * 10 + 1 * 6  # tiny DiT: 2 visual blocks x 10 + 1 text block x 6, modulations excluded
+    assert "lora_unet_visual_transformer_blocks_0_self_attention_to_query.hada_w1_a" in sd
+
+    from musubi_tuner.kandinsky5_generate_video import main as generate
+
+    b = k5_bundle
+    common = ["--task", "k5-lite-t2v-5s-sd", "--dit", str(b.dit), "--vae", str(b.vae), "--text_encoder_qwen",
+              str(b.text_encoder_qwen), "--text_encoder_clip", str(b.text_encoder_clip), "--prompt", "x", "--seed", "3",
+              "--video_length", "5", "--steps", "2", "--width", "64", "--height", "64", "--output_type", "latent",
+              "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    generate(common + ["--output", str(tmp_path / "base.safetensors")])
+    generate(common + ["--lora_weight", str(tmp_path / "loha" / "k5.safetensors"), "--output", str(tmp_path / "loha.safetensors")])
+    base, with_loha = (
+        load_file(str(tmp_path / "base.safetensors"))["latent"],
+        load_file(str(tmp_path / "loha.safetensors"))["latent"],
+    )
+    assert not torch.equal(base, with_loha)
