@@ -198,6 +198,11 @@ def _check_dataset(p: DatasetParams, arch: ArchInfo, src: ConfigSource, check_so
             if r not in rounded:
                 rounded.append(r)
         p.target_frames = tuple(rounded)
+        if p.frame_extraction in ("chunk", "slide") and 1 in p.target_frames:
+            logger.warning(
+                f"{src.path}: {table}: target_frames contains 1 with frame_extraction {p.frame_extraction!r}: "
+                "every frame becomes its own single-frame item; remove 1 unless that is intended"
+            )
         if p.frame_extraction == "uniform" and p.frame_sample == 1:
             logger.warning(f"{src.path}: {table}: frame_extraction 'uniform' with frame_sample 1 is changed to 'head'")
             p.frame_extraction = "head"

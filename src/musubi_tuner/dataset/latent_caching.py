@@ -144,10 +144,18 @@ def _is_current(path: Path, arch: ArchInfo) -> bool:
 
 
 def _load_stream(
-    planner: ItemPlanner, groups: list[list[LatentItem]], pool: ThreadPoolExecutor, window: int, skip_corrupt: bool
+    planner: ItemPlanner,
+    groups: list[list[LatentItem]],
+    pool: ThreadPoolExecutor,
+    window: int,
+    skip_corrupt: bool,
+    failed: set[Path] | None = None,
 ) -> Iterator[LoadedItem]:
-    """Load groups in the pool, at most ``window`` in flight, yielding in order."""
-    pending: list[Future] = []
+    """Load groups in the pool, at most ``window`` in flight, yielding in order.
+
+    With ``skip_corrupt``, the cache paths of groups that fail to decode are added to ``failed``.
+    """
+    pending: list[tuple[Future, list[LatentItem]]] = []
     it = iter(groups)
     exhausted = False
     while True:
@@ -156,16 +164,20 @@ def _load_stream(
             if group is None:
                 exhausted = True
                 break
-            pending.append(pool.submit(planner.load, group))
+            pending.append((pool.submit(planner.load, group), group))
         if not pending:
             return
-        fut = pending.pop(0)
+        fut, group = pending.pop(0)
         try:
-            yield from fut.result()
+            loaded = fut.result()
         except MediaError as e:
             if not skip_corrupt:
                 raise
             logger.warning(f"{e} (skipped: --skip_corrupt)")
+            if failed is not None:
+                failed.update(item.cache_path.resolve() for item in group)
+            continue
+        yield from loaded
 
 
 def _write_batch(batch: LatentBatch, encode: EncodeFn, arch: ArchInfo) -> None:
@@ -232,7 +244,10 @@ def cache_latents(
                 skipped = len(items) - sum(len(g) for g in kept)
                 groups = [g for g in kept if g]
                 logger.info(f"{params.table}: {skipped} items skipped (cache exists and matches), {len(items) - skipped} to encode")
-            _encode_dataset(params, planner, groups, pool, encode, arch, args, workers, skip_corrupt)
+            failed: set[Path] = set()
+            _encode_dataset(params, planner, groups, pool, encode, arch, args, workers, skip_corrupt, failed)
+            # an item that became undecodable is no longer part of the dataset: its old cache is stale too
+            expected[Path(params.cache_directory).resolve()] -= failed
     if debug_mode:
         return
     if getattr(args, "keep_cache", False):
@@ -252,6 +267,7 @@ def _encode_dataset(
     args: Any,
     workers: int,
     skip_corrupt: bool,
+    failed: set[Path] | None = None,
 ) -> None:
     batch_size = getattr(args, "batch_size", None) or params.batch_size
     total = sum(len(g) for g in groups)
@@ -263,7 +279,7 @@ def _encode_dataset(
     pending: dict[tuple, list[LoadedItem]] = {}
     try:
         with tqdm(total=total, desc=f"{params.table}: encoding", unit="item") as bar:
-            for loaded in _load_stream(planner, groups, pool, window=workers * 2, skip_corrupt=skip_corrupt):
+            for loaded in _load_stream(planner, groups, pool, workers * 2, skip_corrupt, failed):
                 bucket = pending.setdefault(loaded.item.batch_key, [])
                 bucket.append(loaded)
                 if len(bucket) == batch_size:

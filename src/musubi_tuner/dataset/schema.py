@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -162,7 +163,7 @@ def _check_value(spec: KeySpec, value: Any, src: ConfigSource, table: str) -> An
             value = float(value)
         if not isinstance(value, float):
             raise bad()
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise bad("a positive number (e.g. 30.0)")
         return value
     if kind == "bool":
@@ -208,6 +209,11 @@ def validate_table(raw: Any, *, table: str, scope: str, src: ConfigSource) -> di
             new = DEPRECATED_KEYS[key]
             if new in raw:
                 logger.warning(f"{src.where(table, key)}: deprecated key ignored because {new!r} is also set; using {new!r}")
+            elif new in renamed:
+                logger.warning(
+                    f"{src.where(table, key)}: deprecated key ignored because {renamed[new]!r} (also renamed to {new!r}) "
+                    f"is set first; using {renamed[new]!r}"
+                )
             else:
                 logger.warning(f"{src.where(table, key)}: deprecated key, renamed to {new!r}; please use {new!r}")
                 renamed[new] = key

@@ -192,6 +192,11 @@ def _list_jsonl(params: DatasetParams, require_captions: bool) -> list[SourceIte
         if not controls and params.control_directory:
             raise UserError(f"{where}: missing field 'control_path' (control_directory is set)")
         targets = _numbered_fields(row, "image_path", where, resolve) if not params.is_video else []
+        if targets and not params.multiple_target:
+            raise UserError(
+                f"{where}: fields image_path_0, image_path_1, ... are extra target layers and need "
+                f"multiple_target = true in {params.table} of {params.config_path}"
+            )
         has_control.append(bool(controls))
         stem = path.name if path.is_dir() else path.stem
         items.append(
