@@ -268,3 +268,28 @@ def test_debug_env_var_enables_recording(monkeypatch):
     assert BlockSwapConfig("cpu", supports_backward=False).debug
     monkeypatch.setenv("MUSUBI_TUNER_OFFLOADER_DEBUG", "0")
     assert not BlockSwapConfig("cpu", supports_backward=False).debug
+
+
+def _weight_ptrs(blocks, resident, want):
+    return {b.weight.data_ptr() for i, blk in enumerate(blocks) if resident[i] == want for b in (blk.attn, blk.ff_in, blk.ff_out)}
+
+
+def test_swaps_reuse_the_device_buffers():
+    """Incoming weights land in the outgoing block's device storage: the set of device buffers never changes (no
+    allocation per swap on the accelerator), and offloaded blocks never share storage with resident ones."""
+    model, network = make_model()
+    x, ctx = inputs()
+    model.enable_block_swap(5, BlockSwapConfig("cpu", supports_backward=True))
+    model.switch_block_swap_for_training()
+    off = model.offloaders[1]
+    device_buffers = _weight_ptrs(model.visual_blocks, off.resident, True)
+    assert len(device_buffers) == 3 * (N_VISUAL - 4)
+    for _ in range(2):
+        train_step(model, network, x, ctx)
+        assert _weight_ptrs(model.visual_blocks, off.resident, True) == device_buffers
+        assert not _weight_ptrs(model.visual_blocks, off.resident, False) & device_buffers
+    model.switch_block_swap_for_inference()  # 4 of 6: the wrap-around schedule
+    for _ in range(2):
+        with torch.no_grad():
+            model(x, ctx)
+        assert _weight_ptrs(model.visual_blocks, off.resident, True) == device_buffers

@@ -304,13 +304,18 @@ def test_scaled_mm_capability_check():
 def test_fp8_fast_config_checks(tmp_path):
     with pytest.raises(UserError, match="--fp8_scaled"):
         Fp8Config(mode="tensor", use_scaled_mm=True, scaled=False)
-    with pytest.raises(UserError, match="per-tensor"):
-        Fp8Config(mode="block", use_scaled_mm=True)
+    # torch._scaled_mm takes per-tensor scales only: an architecture's default block mode becomes tensor mode
+    # (the generators have no option to pick the mode, so refusing would make --fp8_fast unusable)
+    assert Fp8Config(mode="block", use_scaled_mm=True).mode == "tensor"
+    assert Fp8Config(mode="block").mode == "block"
     _, path = _tiny_checkpoint(tmp_path)
     with pytest.raises(UserError, match="--fp8_fast"):
         load_weights_into_model(_meta_tiny(), path, fp8=Fp8Config(mode="tensor", use_scaled_mm=True), progress=False)
+    # a layer with per-channel scales (e.g. a pre-quantised file) cannot use scaled_mm: it dequantises instead
     lin = nn.Sequential(nn.Linear(32, 16))
     q, s = quantize_weight(lin[0].weight.detach(), "channel")
     lin[0].weight = nn.Parameter(q, requires_grad=False)
-    with pytest.raises(UserError, match="per-tensor"):
-        apply_fp8_monkey_patch(lin, {"0.scale_weight": s}, use_scaled_mm=True)
+    apply_fp8_monkey_patch(lin, {"0.scale_weight": s}, use_scaled_mm=True)
+    assert lin[0].fp8_use_scaled_mm is False
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(lin(x), x @ dequantize_weight(q, s, torch.float32).T + lin[0].bias, rtol=1e-5, atol=1e-5)

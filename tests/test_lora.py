@@ -365,3 +365,113 @@ def test_backup_pre_calculation_restore():
     net.set_enabled(False)
     net.set_enabled(True)
     assert math.isfinite(float(model(x).detach().sum()))
+
+
+def test_network_dropout_from_the_factory_drops_down_outputs_in_training_only():
+    """``--network_dropout`` reaches every module and acts on ``lora_down(x)`` (neuron dropout), training only."""
+    net = _k5_network(TinyK5(), neuron_dropout=0.5)
+    assert all(m.dropout == 0.5 for m in net.unet_loras)
+    _randomize(net)
+    m = net.lora_unet_visual_transformer_blocks_0_feed_forward_in_layer
+    x = torch.randn(3, 5, D)
+    m.train()
+    torch.manual_seed(11)
+    branch, scale = m.lora_branch(x)
+    torch.manual_seed(11)
+    h = m.lora_down(x)
+    dropped = torch.nn.functional.dropout(h, p=0.5, training=True)  # the same draw from the same seed
+    kept = dropped != 0
+    assert 0 < int(kept.sum()) < kept.numel() and torch.equal(dropped[kept], h[kept] * 2)
+    torch.testing.assert_close(branch, m.lora_up(dropped))
+    assert scale == pytest.approx(2.0 / 4)
+    m.eval()
+    torch.testing.assert_close(m.lora_branch(x)[0], m.lora_up(m.lora_down(x)))
+
+
+def test_module_dropout_skips_the_whole_module():
+    torch.manual_seed(4)
+    base = nn.Linear(6, 6)
+    model = nn.Sequential(base)
+    net = lora.create_arch_network(1.0, 4, 4, None, None, model, module_dropout="0.5")
+    _randomize(net)
+    net.apply_to(None, model)
+    m = net.lora_unet_0
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        org = nn.functional.linear(x, base.weight, base.bias)
+        full = org + m.lora_up(m.lora_down(x))
+        net.on_epoch_start(model)
+        outs = [model(x) for _ in range(40)]
+        skipped = sum(torch.equal(o, org) for o in outs)
+        applied = sum(torch.allclose(o, full, rtol=1e-6, atol=1e-6) for o in outs)
+        assert skipped + applied == 40 and skipped > 0 and applied > 0  # all or nothing per step, both happen
+        net.eval()
+        assert all(torch.allclose(model(x), full, rtol=1e-6, atol=1e-6) for _ in range(10))
+
+
+def test_verbose_logs_every_selected_module_with_rank_and_alpha():
+    import logging
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.INFO)
+    logger = logging.getLogger(lora.__name__)
+    logger.addHandler(handler)
+    try:
+        _k5_network(TinyK5(), verbose="True")
+        verbose_lines = [r for r in records if "rank 4, alpha 2.0" in r]
+        records.clear()
+        _k5_network(TinyK5())
+        quiet_lines = [r for r in records if "rank 4, alpha 2.0" in r]
+    finally:
+        logger.removeHandler(handler)
+    assert sorted(line.split(":")[0] for line in verbose_lines) == sorted(EXPECTED_K5)
+    assert quiet_lines == []
+
+
+def test_merge_to_scaled_fp8_model_dequantises_adds_and_requantises(tmp_path):
+    """Generator path of reference defect #4: merging into a model loaded with --fp8_scaled must use the scale."""
+    from musubi_tuner.modules.fp8_optimization import Fp8Config, dequantize_weight
+    from musubi_tuner.utils.atomic import save_safetensors_atomic
+    from musubi_tuner.utils.model_loading import load_weights_into_model
+
+    torch.manual_seed(9)
+    ref = TinyK5()
+    path = tmp_path / "k5.safetensors"
+    save_safetensors_atomic(ref.state_dict(), path)
+    with torch.device("meta"):
+        model = TinyK5()
+    load_weights_into_model(model, path, fp8=Fp8Config(mode="block", block_size=4, excludes=("modulation",)), progress=False)
+    target = model.visual_transformer_blocks[0].self_attention.to_query
+    assert target.weight.dtype == torch.float8_e4m3fn and target.scale_weight.shape == (D, 2, 1)
+    q0, s0 = target.weight.detach().clone(), target.scale_weight.clone()
+
+    net = _k5_network(TinyK5())
+    _randomize(net, std=0.5)
+    sd = net.state_dict_for_save()
+    merger = lora_kandinsky.create_arch_network_from_weights(0.8, sd, unet=model, for_inference=True)
+    merger.backup_weights()
+    merger.merge_to(None, model, sd, torch.float32, "cpu")
+
+    name = "lora_unet_visual_transformer_blocks_0_self_attention_to_query"
+    down, up = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"]
+    delta = 0.8 * (2.0 / 4) * (up @ down)  # multiplier · alpha/r · up @ down
+    exact = dequantize_weight(q0, s0, torch.float32) + delta  # the stored weight plus ΔW
+    got = dequantize_weight(target.weight, target.scale_weight, torch.float32)
+    s_full = target.scale_weight.expand(D, 2, 4).reshape(D, D)
+    bound = exact.abs() * 2.0**-4 + s_full * 2.0**-9  # e4m3 re-quantisation: half an ulp, or the subnormal step
+    assert bool(((got - exact).abs() <= bound * 1.001).all())
+    assert target.scale_weight.shape == s0.shape and not torch.equal(target.scale_weight, s0)  # a fresh scale
+    naive = dequantize_weight((q0.float() + delta).to(q0.dtype), s0, torch.float32)  # ΔW added to q, scale ignored
+    assert float((naive - exact).abs().max()) > 10 * float(bound.max())
+    # the patched forward uses the merged weight and its new scale
+    x = torch.randn(2, 3, D)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), nn.functional.linear(x, got, target.bias), rtol=1e-5, atol=1e-5)
+    # restore_weights brings back the exact fp8 weight and scale
+    merger.restore_weights()
+    assert torch.equal(target.weight.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(target.scale_weight, s0)

@@ -251,3 +251,81 @@ def test_merge_accepts_dotted_peft_layout(files):
     merge_lora_files(d / "dit.safetensors", [d / "peft.safetensors"], d / "mp.safetensors", [2.0], progress=False)
     merged = load_file(d / "mp.safetensors")
     torch.testing.assert_close(merged[f"{Q}.weight"], base[f"{Q}.weight"] + 2.0 * _lora_delta(a, Q))
+
+
+def _real_k5_linear_paths(num_text=2, num_visual=3) -> list[str]:
+    from musubi_tuner.kandinsky5.models.dit import DiffusionTransformer3D
+
+    cfg = dict(in_visual_dim=4, out_visual_dim=4, time_dim=32, model_dim=64, ff_dim=128)
+    with torch.device("meta"):
+        dit = DiffusionTransformer3D(
+            **cfg, num_text_blocks=num_text, num_visual_blocks=num_visual, axes_dims=(8, 12, 12), in_text_dim=48, in_text_dim2=24
+        )
+    return [n for n, m in dit.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_kandinsky5_name_table_is_exact_for_the_real_dit():
+    """Every Linear of our K5 DiT maps kohya name -> dotted path through the table, and the table has nothing else."""
+    from musubi_tuner.networks.convert import NAME_TABLES
+
+    table = NAME_TABLES["kandinsky5"]
+    paths = _real_k5_linear_paths()
+    assert len(paths) == 2 * 7 + 3 * 11 + 7  # text 6 + modulation, visual 10 + modulation, 7 embedding/out layers
+    for path in paths:
+        assert table.to_dotted(_kohya(path)) == path and table.is_module(path), path
+    listed = set(table.top_level) | {
+        f"{block}.{i}.{member}" for block, members in table.blocks for i in range(2 if block.startswith("text") else 3)
+        for member in members
+    }  # fmt: skip
+    assert listed == set(paths)
+    # the names musubi-tuner's guessing converter gets wrong
+    assert table.to_dotted("lora_unet_visual_transformer_blocks_2_cross_attention_to_query") == (
+        "visual_transformer_blocks.2.cross_attention.to_query"
+    )
+    assert table.to_dotted("lora_unet_visual_transformer_blocks_2_cross_attention_to_quer") is None
+
+
+def test_convert_round_trips_every_kandinsky5_module_lora_loha_lokr():
+    g = torch.Generator().manual_seed(3)
+    paths = _real_k5_linear_paths()
+    sd: dict[str, torch.Tensor] = {}
+    for i, path in enumerate(paths):
+        n = _kohya(path)
+        if i % 3 == 0:
+            sd.update(_lora({path: (16, 32)}, rank=4, alpha=1.0 + i, seed=i))
+        elif i % 3 == 1:
+            sd.update(_loha({path: (16, 32)}, rank=2, alpha=0.5 * i, seed=i))
+        else:  # LoKr: copied with its alpha both ways
+            sd[f"{n}.lokr_w1"] = torch.randn(4, 4, generator=g)
+            sd[f"{n}.lokr_w2_a"] = torch.randn(4, 2, generator=g)
+            sd[f"{n}.lokr_w2_b"] = torch.randn(2, 8, generator=g)
+            sd[f"{n}.alpha"] = torch.tensor(2.0)
+    other = to_other(sd, "kandinsky5")
+    back = to_default(other, "kandinsky5")
+    assert set(back) == set(sd)
+    for i, path in enumerate(paths):
+        n = _kohya(path)
+        if i % 3 == 0:  # alpha folded into the factors: the same ΔW, alpha becomes the rank
+            torch.testing.assert_close(_lora_delta(back, path), _lora_delta(sd, path))
+            assert float(back[f"{n}.alpha"]) == 4.0
+        else:
+            for k in [k for k in sd if k.startswith(n + ".")]:
+                assert torch.equal(back[k], sd[k]), k
+    # once alpha = rank, both directions are bit-exact
+    assert all(torch.equal(v, to_other(back, "kandinsky5")[k]) for k, v in other.items())
+    assert all(torch.equal(v, to_default(to_other(back, "kandinsky5"), "kandinsky5")[k]) for k, v in back.items())
+
+
+def test_merge_reads_split_checkpoints(files):
+    d, base, a, _, _ = files
+    keys = list(base)
+    (d / "split").mkdir()
+    save_file({k: base[k] for k in keys[:3]}, d / "split" / "dit-00001-of-00002.safetensors")
+    save_file({k: base[k] for k in keys[3:]}, d / "split" / "dit-00002-of-00002.safetensors")
+    report = merge_lora_files(
+        d / "split" / "dit-00002-of-00002.safetensors", [d / "a.safetensors"], d / "ms.safetensors", progress=False
+    )
+    merged = load_file(d / "ms.safetensors")  # one output file holding every tensor of both shards
+    assert report.merged_keys == 2 and set(merged) == set(base)
+    torch.testing.assert_close(merged[f"{Q}.weight"], base[f"{Q}.weight"] + _lora_delta(a, Q))
+    torch.testing.assert_close(merged[f"{K}.weight"], base[f"{K}.weight"] + _lora_delta(a, K))

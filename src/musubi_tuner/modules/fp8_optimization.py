@@ -67,7 +67,10 @@ class Fp8Config:
         if self.use_scaled_mm and not self.scaled:
             raise UserError("--fp8_fast needs --fp8_scaled (scaled_mm multiplies scaled fp8 weights)")
         if self.use_scaled_mm and self.mode != "tensor":
-            raise UserError(f"--fp8_fast (torch._scaled_mm) needs per-tensor scales: use fp8 mode 'tensor', not {self.mode!r}")
+            # torch._scaled_mm takes per-tensor scales only; architectures pass their usual mode (block), and no
+            # command line option selects the mode, so --fp8_fast implies per-tensor quantisation.
+            logger.info("--fp8_fast: fp8 weights use per-tensor scales (torch._scaled_mm supports no %s scales)", self.mode)
+            object.__setattr__(self, "mode", "tensor")
         if self.use_scaled_mm and self.fp8_dtype != torch.float8_e4m3fn:
             raise UserError("--fp8_fast needs float8_e4m3fn weights")
 
@@ -222,8 +225,9 @@ def apply_fp8_monkey_patch(
 
     ``scaled`` is either a state dict (its ``*.scale_weight`` entries are registered as buffers on their Linear
     modules) or an iterable of module names / ``*.scale_weight`` keys whose modules already hold a ``scale_weight``
-    buffer. With ``use_scaled_mm`` the per-tensor scaled layers use ``torch._scaled_mm`` (``--fp8_fast``; every scale
-    must be per-tensor). Returns the patched module names.
+    buffer. With ``use_scaled_mm`` (``--fp8_fast``) the layers with per-tensor scales use ``torch._scaled_mm``; layers
+    with per-channel or block scales (e.g. from a pre-quantised file) cannot, and dequantise instead (one warning).
+    Returns the patched module names.
     """
     if isinstance(scaled, Mapping):
         for key, scale in scaled.items():
@@ -232,15 +236,23 @@ def apply_fp8_monkey_patch(
         names = [k[: -len(SCALE_SUFFIX)] for k in scaled if k.endswith(SCALE_SUFFIX)]
     else:
         names = [k[: -len(SCALE_SUFFIX)] if k.endswith(SCALE_SUFFIX) else k for k in scaled]
+    not_fast = []
     for name in names:
         module = _linear(model, name)
         scale = getattr(module, "scale_weight", None)
         if not isinstance(scale, torch.Tensor):
             raise UserError(f"Linear {name!r} has no scale_weight buffer to dequantise with")
         if use_scaled_mm and scale.numel() != 1:
-            raise UserError(f"--fp8_fast needs per-tensor fp8 scales, but {name}.scale_weight has shape {list(scale.shape)}")
-        module.fp8_use_scaled_mm = use_scaled_mm
+            not_fast.append(f"{name} {list(scale.shape)}")
+        module.fp8_use_scaled_mm = use_scaled_mm and scale.numel() == 1
         module.forward = types.MethodType(_fp8_scaled_forward, module)
+    if not_fast:
+        logger.warning(
+            "--fp8_fast: %d Linear layer(s) have per-channel/block fp8 scales, which torch._scaled_mm cannot use; "
+            "they dequantise instead (e.g. %s)",
+            len(not_fast),
+            ", ".join(not_fast[:3]),
+        )
     logger.debug("fp8 scaled forward patched on %d Linear layers", len(names))
     return names
 
