@@ -191,6 +191,9 @@ def test_argument_groups_and_validation(tmp_path):
         (["--nabla_p", "1.5"], "--nabla_p"),
         (["--from_file", str(tmp_path / "none.txt")], "not found"),
         (["--crf", "10", "--video_bitrate", "1000"], "cannot be combined"),
+        (["--codec", "prores", "--crf", "10"], "--crf is for h264/h265"),
+        (["--codec", "prores", "--video_bitrate", "1000"], "--video_bitrate is for h264/h265"),
+        (["--video_bitrate", "0"], "> 0"),
         (["--decode_from_latent", "a", "--interactive"], "cannot be combined"),
     ]
     for argv, fragment in bad:

@@ -223,6 +223,8 @@ def test_image_lite_t2i_and_ti2i(k5_bundle, images, tmp_path):
         (["--fp8_fast"], "CUDA"),
         (["--attn_mode", "torch", "--xformers"], "different attention kernels"),
         (["--task", "k5-lite-i2v-5s-sd"], "give --image"),
+        (["--nabla_p", "0.8"], "--nabla_p has no effect: task k5-lite-t2v-5s-sd uses dense attention"),
+        (["--task", "k5-lite-t2v-10s-sd", "--force_traditional_attn", "--nabla_p", "0.8"], "--force_traditional_attn"),
     ],
 )
 def test_user_errors_exit_2(base, tmp_path, capsys, extra, message):
@@ -265,3 +267,37 @@ def test_block_swap_gives_the_same_latent(base, tmp_path):
     generate(base + common + ["--output", str(tmp_path / "a.safetensors")])
     generate(base + common + ["--output", str(tmp_path / "b.safetensors"), "--blocks_to_swap", "1"])
     torch.testing.assert_close(load_file(tmp_path / "a.safetensors")["latent"], load_file(tmp_path / "b.safetensors")["latent"])
+
+
+def test_crf_and_bitrate_reach_the_video_file(base, tmp_path):
+    common = ["--prompt", "noise", "--video_length", "9", "--seed", "6", "--no_metadata"]
+    sizes = {}
+    for name, extra in (("lossless", ["--crf", "0"]), ("crf51", ["--crf", "51"]), ("rate", ["--video_bitrate", "20000"])):
+        out = tmp_path / f"{name}.mp4"
+        generate(base + common + extra + ["--output", str(out)])
+        sizes[name] = out.stat().st_size
+        assert len(frames_of(out)) == 9
+    # --crf / --video_bitrate drive the encoder (the default CRF 12 would give one size for all three)
+    assert sizes["lossless"] > 4 * sizes["crf51"] and sizes["lossless"] > 4 * sizes["rate"]
+
+
+def test_compile_options_compile_every_block_with_the_given_backend(base, tmp_path):
+    from torch._dynamo import register_backend
+
+    graphs: list[int] = []
+
+    @register_backend(name="k5_test_counting")
+    def counting(gm, example_inputs):  # noqa: ANN001 - dynamo backend signature
+        graphs.append(len(example_inputs))
+        return gm.forward
+
+    common = ["--prompt", "x", "--video_length", "5", "--seed", "8", "--output_type", "latent", "--steps", "1"]
+    generate(base + common + ["--output", str(tmp_path / "eager.safetensors")])
+    args = parse_args(base + common + ["--output", str(tmp_path / "compiled.safetensors"), "--compile",
+                                       "--compile_backend", "k5_test_counting", "--compile_dynamic", "false"])  # fmt: skip
+    assert args.compile_dynamic is False
+    run(args)
+    assert graphs, "--compile_backend was never called"
+    torch.testing.assert_close(
+        load_file(tmp_path / "compiled.safetensors")["latent"], load_file(tmp_path / "eager.safetensors")["latent"]
+    )

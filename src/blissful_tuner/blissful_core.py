@@ -178,6 +178,12 @@ def parse_blissful_args(args: argparse.Namespace, *, num_steps: int | None = Non
         raise UserError("--crf and --video_bitrate cannot be combined")
     if getattr(args, "crf", None) is not None and not 0 <= args.crf <= 51:
         raise UserError(f"--crf must be in 0..51 (got {args.crf})")
+    if getattr(args, "video_bitrate", None) is not None and args.video_bitrate <= 0:
+        raise UserError(f"--video_bitrate must be > 0 bits/s (got {args.video_bitrate})")
+    if getattr(args, "codec", None) == "prores":
+        for flag, attr in (("--crf", "crf"), ("--video_bitrate", "video_bitrate")):
+            if getattr(args, attr, None) is not None:
+                raise UserError(f"{flag} is for h264/h265; --codec prores always writes ProRes 422 HQ")
     if hasattr(args, "compile_dynamic") and isinstance(args.compile_dynamic, str):
         args.compile_dynamic = {"auto": None, "true": True, "false": False}[args.compile_dynamic]
     return args

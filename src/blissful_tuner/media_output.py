@@ -288,6 +288,8 @@ def save_generation(
     save_last_frame: bool = False,
     overwrite: bool = False,
     value_range: tuple[float, float] = (0.0, 1.0),
+    crf: int | None = None,
+    bitrate: int | None = None,
 ) -> list[Path]:
     """Save one result according to ``output_type``; returns the written files.
 
@@ -295,7 +297,7 @@ def save_generation(
     the model-native latent (needed for ``latent``/``both``/``latent_images``). ``video`` writes a video (a single
     frame as PNG) plus ``_first.png``/``_last.png`` on request; ``images`` writes one PNG per frame; ``both`` =
     video + latent; ``latent_images`` = images + latent. ``metadata`` (or ``None`` for ``--no_metadata``) goes into
-    every file that can carry it.
+    every file that can carry it. ``crf`` / ``bitrate`` (``--crf`` / ``--video_bitrate``) go to ``save_video``.
     """
     check_output_type(output_type)
     out_dir = Path(save_path)
@@ -322,7 +324,9 @@ def save_generation(
         return written
     container = resolve_container(codec, container)
     target = unique_path(out_dir / f"{stem}.{container}", overwrite=overwrite)
-    written.append(save_video(frames, target, fps=fps, codec=codec, container=container, metadata=metadata))
+    written.append(
+        save_video(frames, target, fps=fps, codec=codec, container=container, crf=crf, bitrate=bitrate, metadata=metadata)
+    )
     base = target.stem
     if save_first_frame:
         written.append(save_png(frames[0], unique_path(out_dir / f"{base}_first.png", overwrite=overwrite), metadata))

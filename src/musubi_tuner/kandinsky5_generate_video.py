@@ -299,6 +299,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UserError(f"--{name} must be >= 0")
     if args.image_last and not args.image:
         raise UserError("--image_last needs --image (first+last conditioning)")
+    nabla = (task.uses_nabla or args.force_nabla_attn) and not args.force_traditional_attn
+    if args.nabla_p is not None and not nabla:
+        why = "--force_traditional_attn is given" if args.force_traditional_attn else f"task {task.name} uses dense attention"
+        raise UserError(f"--nabla_p has no effect: {why} (add --force_nabla_attn to use NABLA)")
     return parse_blissful_args(args)
 
 
@@ -812,6 +816,8 @@ def write_outputs(
         metadata=metadata,
         save_first_frame=a.save_first_frame,
         save_last_frame=a.save_last_frame,
+        crf=a.crf,
+        bitrate=a.video_bitrate,
     )
     if a.output:
         out = Path(a.output)
