@@ -134,6 +134,23 @@ def test_resume_equals_uninterrupted_run(toy, tmp_path):
         train(*toy, tmp_path / "bad", "--max_train_steps", "8", "--network_dim", "8", "--resume", str(state))
 
 
+def test_resume_restores_timestep_pool_and_tracker_run(toy, tmp_path):
+    from musubi_tuner.training.trackers import METRICS_FILE, read_metrics
+
+    common = ("--max_train_steps", "8", "--num_timestep_buckets", "4", "--noise_offset", "0.1", "--log_with", "jsonl")
+    full = train(*toy, tmp_path / "full", *common, "--logging_dir", str(tmp_path / "logs_full"), "--save_every_n_steps", "3",
+                 "--save_state")  # fmt: skip
+    logs = tmp_path / "logs"
+    train(*toy, tmp_path / "a", *common, "--max_train_steps", "5", "--logging_dir", str(logs), "--save_state_on_train_end")
+    (run_dir,) = logs.iterdir()
+    # step 5 is mid-epoch 2: the stratified pool of that epoch and the position inside it must be restored
+    resumed = train(*toy, tmp_path / "b", *common, "--logging_dir", str(logs), "--resume", str(tmp_path / "a" / "toy-state"))
+    assert_same(full, resumed)
+    assert [p.name for p in logs.iterdir()] == [run_dir.name]  # the same run directory: the curves continue
+    steps = [r["step"] for r in read_metrics(run_dir / METRICS_FILE) if "loss/current" in r]
+    assert steps == list(range(1, 9))
+
+
 def test_gradient_accumulation_matches_larger_batch(tmp_path):
     dit = write_toy_dit(tmp_path / "dit.safetensors")
     big = write_image_dataset(tmp_path / "b2", 2, batch_size=2, seed=3)
@@ -196,6 +213,9 @@ def test_validation_loss_is_logged_and_does_not_disturb_training(tmp_path):
         str(tmp_path / "logs"),
     )
     assert_same(plain, logged)
+    again = train(config, dit, tmp_path / "v2", "--max_train_steps", "4", "--validate_every_n_steps", "2", "--logging_dir",
+                  str(tmp_path / "logs2"))  # fmt: skip
+    assert_same(logged, again)
     run_dir = next((tmp_path / "logs").iterdir())
     acc = EventAccumulator(str(next(run_dir.rglob("events.*")).parent))
     acc.Reload()
@@ -205,6 +225,10 @@ def test_validation_loss_is_logged_and_does_not_disturb_training(tmp_path):
     assert [v.step for v in values] == [2, 4]
     per_q = [acc.Scalars(f"loss/validation/q{q:.2f}")[0].value for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
     assert values[0].value == pytest.approx(sum(per_q) / 5, rel=1e-5)
+    # fixed quantiles and noise seeds: a second run logs exactly the same validation curve
+    acc2 = EventAccumulator(str(next((tmp_path / "logs2").rglob("events.*")).parent))
+    acc2.Reload()
+    assert [v.value for v in acc2.Scalars("loss/validation")] == [v.value for v in values]
 
 
 def test_dim_from_weights_and_network_weights(toy, tmp_path):
@@ -222,6 +246,9 @@ def test_dim_from_weights_and_network_weights(toy, tmp_path):
     )
     assert first.keys() == again.keys()
     assert all(first[k].shape == again[k].shape for k in first)  # rank 4 from the file, not --network_dim 16
+    with safe_open(str(tmp_path / "b" / "toy.safetensors"), "pt") as f:
+        md = f.metadata()
+    assert (md["ss_network_dim"], md["ss_network_alpha"]) == ("4", "4.0")  # the trained network, not the flags
 
 
 class WeightProbe(ToyTrainer):
@@ -249,6 +276,16 @@ def test_base_weights_are_merged_before_training(toy, tmp_path):
     expected = base + 0.5 * (alpha / down.shape[0]) * (up @ down)
     assert not torch.allclose(expected, base)
     assert torch.allclose(probe.fc1, expected, atol=1e-6)
+
+
+def test_schedule_free_optimizer_switches_around_saves(toy, tmp_path):
+    from toy_arch import RecordingSGDScheduleFree
+
+    RecordingSGDScheduleFree.calls.clear()
+    train(*toy, tmp_path, "--max_train_steps", "4", "--save_every_n_steps", "2", "--optimizer_type",
+          "toy_arch.RecordingSGDScheduleFree", "--lr_scheduler", "linear")  # fmt: skip
+    # train for the loop, eval around the step-2 save and the final save (weights are saved in eval mode)
+    assert RecordingSGDScheduleFree.calls == ["train", "eval", "train", "eval", "train"]
 
 
 def test_jsonl_tracker_records_every_step(toy, tmp_path):

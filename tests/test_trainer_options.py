@@ -4,6 +4,7 @@ pruning (§10) — unit level."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -202,6 +203,86 @@ def test_transformers_schedulers_and_process_scaling():
         lrs(parse("--lr_scheduler", "nope"), 1)
 
 
+def test_polynomial_inverse_sqrt_and_wsd_options():
+    args = parse(
+        "--lr_scheduler", "polynomial", "--lr_scheduler_power", "2", "--learning_rate", "1.0", "--max_train_steps", "4"
+    )  # fmt: skip
+    # transformers' polynomial decay to lr_end 1e-7: (lr − end)·(1 − s/T)^power + end
+    assert lrs(args, 4) == pytest.approx([(1 - 1e-7) * (1 - s / 4) ** 2 + 1e-7 for s in range(4)])
+    args = parse("--lr_scheduler", "inverse_sqrt", "--lr_scheduler_timescale", "4", "--learning_rate", "1.0")
+    one = lrs(args, 6)
+    assert one == pytest.approx([1 / math.sqrt((s + 4) / 4) for s in range(6)])
+    assert lrs(args, 6, processes=2) == pytest.approx(one)  # the timescale counts optimizer steps too
+    args = parse(
+        "--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", "2", "--lr_decay_steps", "25%",
+        "--lr_scheduler_min_lr_ratio", "0.5", "--learning_rate", "1.0", "--max_train_steps", "8",
+    )  # fmt: skip
+    got = lrs(args, 8)
+    # transformers' WSD warms up from the floor: min_lr_ratio + (1 − min_lr_ratio)·s/W
+    assert got[:2] == pytest.approx([0.5, 0.75]) and got[2:6] == pytest.approx([1.0] * 4)
+    # cosine decay over the last 2 steps towards 0.5·lr: 0.5 + 0.5·(1 + cos(π·1/2))/2 at step 7
+    assert got[6:] == pytest.approx([1.0, 0.75])
+    with pytest.raises(UserError, match="--lr_decay_steps is used by --lr_scheduler warmup_stable_decay"):
+        lrs(parse("--lr_scheduler", "linear", "--lr_decay_steps", "3"), 1)
+
+
+# -------------------------------------------------------------------------------------------------- noise extras
+
+
+def test_noise_offset_per_batch_and_channel():
+    from musubi_tuner.training.noise import apply_noise_offset
+
+    latents = torch.randn(3, 4, 2, 5, 6, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn_like(latents)
+    out = apply_noise_offset(latents, noise, 0.1, generator=torch.Generator().manual_seed(7))
+    draw = torch.randn(3, 4, 1, 1, 1, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(out, noise + 0.1 * draw, atol=1e-6)
+    out = apply_noise_offset(latents, noise, 0.1, adaptive_scale=2.0, generator=torch.Generator().manual_seed(7))
+    offset = (0.1 + 2.0 * latents.mean(dim=(2, 3, 4), keepdim=True).abs()).clamp(min=0)
+    assert torch.allclose(out, noise + offset * draw, atol=1e-6)
+    # random strength: a single factor uniform in [0, 1) scales the offset (drawn before the normal)
+    g = torch.Generator().manual_seed(3)
+    out = apply_noise_offset(latents, noise, 0.1, random_strength=True, generator=g)
+    g = torch.Generator().manual_seed(3)
+    strength = float(torch.rand(1, generator=g))
+    assert torch.allclose(out, noise + 0.1 * strength * torch.randn(3, 4, 1, 1, 1, generator=g), atol=1e-6)
+
+
+def test_pyramid_noise_is_normalised_and_low_frequency():
+    from musubi_tuner.training.noise import pyramid_noise
+
+    noise = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = pyramid_noise(noise.clone(), 6, 0.8, generator=torch.Generator().manual_seed(1))
+    assert out.shape == noise.shape and float(out.std()) == pytest.approx(1.0, abs=1e-4)
+
+    def neighbour_corr(x):
+        a, b = x[..., :, :-1].flatten(), x[..., :, 1:].flatten()
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+    assert abs(neighbour_corr(noise)) < 0.05 and neighbour_corr(out) > 0.15
+    # frames are folded into the batch: each frame gets its own low-frequency field
+    assert not torch.allclose(out[:, :, 0] - noise[:, :, 0] / out.std(), out[:, :, 1] - noise[:, :, 1] / out.std())
+
+
+def test_show_timesteps_exits_before_loading_anything(capsys):
+    from toy_arch import ToyTrainer
+
+    # no --dit, a dataset config that does not exist: --show_timesteps needs neither
+    args = parse("--dataset_config", "missing.toml", "--timestep_sampling", "logsnr", "--show_timesteps", "console")
+    ToyTrainer().train(args)
+    out = capsys.readouterr().out
+    assert "logsnr" in out and "100000 samples" in out
+
+
+def test_noise_options_need_noise_offset(tmp_path):
+    from toy_arch import ToyTrainer
+
+    for flag in (["--adaptive_noise_scale", "0.1"], ["--noise_offset_random_strength"]):
+        args = parse("--dataset_config", "x.toml", "--dit", "x", *flag)
+        with pytest.raises(UserError, match="needs --noise_offset"):
+            ToyTrainer().train(args)
+
+
 # -------------------------------------------------------------------------------------------------- metadata / saving
 
 
@@ -233,8 +314,15 @@ def test_metadata_keys():
     assert md["ss_steps"] == "5" and md["ss_epoch"] == "2" and json.loads(md["ss_network_args"]) == {"conv_dim": "4"}
     assert md["modelspec.sai_model_spec"] == "1.0.0" and md["modelspec.architecture"] == "Kandinsky-5/lora"
     assert md["modelspec.title"] == "Café ☕"  # UTF-8 kept (§20 #19)
-    assert md["modelspec.timestep_range"] == "100.0,1000" and md["modelspec.resolution"] == "640x480"
+    assert md["modelspec.timestep_range"] == "100,1000" and md["modelspec.resolution"] == "640x480"
     assert all(isinstance(v, str) for v in md.values())
+    assert "ss_noise_offset" not in md and "ss_multires_noise_discount" not in md  # extras only when used
+    noisy = build_md(metadata_args("--noise_offset", "0.05", "--multires_noise_iterations", "6"))
+    assert (noisy["ss_noise_offset"], noisy["ss_multires_noise_iterations"], noisy["ss_multires_noise_discount"]) == (
+        "0.05",
+        "6",
+        "0.3",
+    )
     minimal = build_md(metadata_args("--no_metadata"))
     assert {k for k in minimal if k.startswith("ss_")} == {
         "ss_base_model_version",

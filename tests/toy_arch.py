@@ -269,6 +269,18 @@ class FixedNoiseToyTrainer(ToyTrainer):
         return super().process_batch(args, accelerator, transformer, latents, batch, noise, network_dtype, timesteps=t)
 
 
+class RecordingSGDScheduleFree(torch.optim.SGD):
+    """A stand-in schedule-free optimizer (the name ends in ``schedulefree``) that records its train/eval switches."""
+
+    calls: list[str] = []
+
+    def train(self) -> None:
+        RecordingSGDScheduleFree.calls.append("train")
+
+    def eval(self) -> None:
+        RecordingSGDScheduleFree.calls.append("eval")
+
+
 def toy_parser() -> argparse.ArgumentParser:
     parser = setup_parser_common()
     parser.add_argument("--dit_dtype", type=str, default="float32", help="toy DiT dtype")

@@ -37,6 +37,7 @@ from musubi_tuner.training.args import (
 from musubi_tuner.training.data import EpochSyncedDataset, make_loader
 from musubi_tuner.training.lr_schedulers import current_lrs, get_lr_scheduler
 from musubi_tuner.training.metadata import dataset_metadata, finalize_metadata, training_metadata
+from musubi_tuner.training.noise import apply_noise_options
 from musubi_tuner.training.optimizers import get_optimizer, is_schedule_free
 from musubi_tuner.training.sampling import sample_images, should_sample
 from musubi_tuner.training.saving import (
@@ -358,6 +359,12 @@ class NetworkTrainer:
             raise UserError("--gradient_accumulation_steps must be >= 1")
         if args.block_swap_ring_size < 1:
             raise UserError("--block_swap_ring_size must be >= 1")
+        if args.disable_numpy_memmap:
+            logger.info("--disable_numpy_memmap: no effect, no numpy memory maps are used")
+        if args.adaptive_noise_scale is not None and not args.noise_offset:
+            raise UserError("--adaptive_noise_scale needs --noise_offset")
+        if args.noise_offset_random_strength and not args.noise_offset:
+            raise UserError("--noise_offset_random_strength needs --noise_offset")
         self.attn_mode = attention_mode_from_args(args, training=True)
         self.handle_model_specific_args(args)
         self.timestep_sampler = TimestepSampler(TimestepConfig.from_args(args))
@@ -481,7 +488,13 @@ class NetworkTrainer:
         run.net_kwargs = parse_network_args(args.network_args)
         if args.dim_from_weights:
             sd = load_file(args.network_weights)
-            network = _first(module.create_arch_network_from_weights(1.0, sd, unet=transformer, **run.net_kwargs))
+            network = _first(
+                module.create_arch_network_from_weights(
+                    1.0, sd, unet=transformer, neuron_dropout=args.network_dropout, **run.net_kwargs
+                )
+            )
+            # the metadata must describe the trained network, not the (ignored) --network_dim/--network_alpha
+            args.network_dim, args.network_alpha = _dim_alpha_from_weights(sd, args.network_dim, args.network_alpha)
         elif hasattr(module, "create_arch_network"):
             network = _first(
                 module.create_arch_network(
@@ -654,7 +667,7 @@ class NetworkTrainer:
         with accelerator.accumulate(network):
             network.on_step_start()
             latents = self.scale_shift_latents(batch["latents"]).to(accelerator.device)
-            noise = torch.randn_like(latents)
+            noise = apply_noise_options(args, latents, torch.randn_like(latents))
             with accelerator.autocast():
                 loss, metrics = self.process_batch(args, accelerator, run.transformer, latents, batch, noise, run.network_dtype)
             accelerator.backward(loss)
@@ -806,6 +819,17 @@ class NetworkTrainer:
 def _first(result: Any) -> Any:
     """Factories return the network; tolerate LyCORIS-style ``(network, weights_sd)`` tuples (§20 #3)."""
     return result[0] if isinstance(result, tuple) else result
+
+
+def _dim_alpha_from_weights(sd: dict[str, torch.Tensor], dim: int | None, alpha: float) -> tuple[int | None, float]:
+    """Rank (rows of the first ``lora_down``, or the ``hada_w1_b``/``lokr`` rank) and alpha of an adapter state dict."""
+    for key in sorted(sd):
+        if key.endswith((".lora_down.weight", ".hada_w1_b")):
+            prefix = key.rsplit(".", 2 if key.endswith(".weight") else 1)[0]
+            rank = int(sd[key].shape[0])
+            a = sd.get(f"{prefix}.alpha")
+            return rank, float(a) if a is not None else float(rank)
+    return dim, alpha
 
 
 def _cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -78,6 +78,8 @@ def prepare_accelerator(args: Any, tracker_run: str | None = None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched with several processes
         kwargs_handlers.append(InitProcessGroupKwargs(**pg))
     if args.ddp_gradient_as_bucket_view or args.ddp_static_graph:
+        # kept for old command lines: the network is not DDP-wrapped (gradients are averaged by one all-reduce)
+        logger.info("--ddp_gradient_as_bucket_view / --ddp_static_graph: no effect, the network is not DDP-wrapped")
         kwargs_handlers.append(
             DistributedDataParallelKwargs(
                 gradient_as_bucket_view=args.ddp_gradient_as_bucket_view, static_graph=args.ddp_static_graph

@@ -175,6 +175,18 @@ def setup_parser_common() -> argparse.ArgumentParser:
     g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host memory for block swap")
     g.add_argument("--block_swap_h2d_only", action="store_true", help="H2D-only ring buffer (not implemented yet)")
     g.add_argument("--block_swap_ring_size", type=int, default=2, help="ring size of the H2D-only swap")
+    g.add_argument(
+        "--disable_numpy_memmap",
+        action="store_true",
+        help="accepted for old command lines; no effect (no numpy memory maps are used)",
+    )
+
+    g = p.add_argument_group("noise (blissful-tuner extras)")
+    g.add_argument("--noise_offset", type=float, default=None, help="add offset·N(0,1) per (batch, channel) to the noise")
+    g.add_argument("--noise_offset_random_strength", action="store_true", help="offset drawn uniformly in [0, --noise_offset)")
+    g.add_argument("--adaptive_noise_scale", type=float, default=None, help="offset += A·|mean(latent)| (needs --noise_offset)")
+    g.add_argument("--multires_noise_iterations", type=int, default=None, help="pyramid noise iterations (6-10 typical)")
+    g.add_argument("--multires_noise_discount", type=float, default=0.3, help="weight decay per pyramid level")
 
     g = p.add_argument_group("timesteps")
     g.add_argument("--guidance_scale", type=float, default=1.0, help="embedded guidance during training")

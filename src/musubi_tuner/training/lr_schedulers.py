@@ -106,7 +106,7 @@ def get_lr_scheduler(args: Any, optimizer: torch.optim.Optimizer, num_processes:
     elif name == "polynomial":
         specific["power"] = args.lr_scheduler_power
     elif name == "inverse_sqrt" and args.lr_scheduler_timescale is not None:
-        specific["timescale"] = args.lr_scheduler_timescale
+        specific["timescale"] = args.lr_scheduler_timescale * num_processes  # in optimizer steps, like warmup
     elif name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         specific["min_lr_rate"] = 0.0 if args.lr_scheduler_min_lr_ratio is None else args.lr_scheduler_min_lr_ratio
     elif name == "warmup_stable_decay":

@@ -22,6 +22,11 @@ MODELSPEC_ARCH = {
 _RESOLUTIONS = {"qwen_image": "1328x1328", "qwen_image_edit": "1024x1024", "z_image": "1024x1024"}
 
 
+def _number(x: float) -> str:
+    """``100.0`` → ``100`` (the options are floats; integral values are written like the reference's ints)."""
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
 def _basename(path: str | None) -> str:
     return os.path.basename(path) if path else ""
 
@@ -107,6 +112,12 @@ def training_metadata(
         "ss_discrete_flow_shift": args.discrete_flow_shift,
         "ss_datasets": datasets_json,
         "ss_network_args": json.dumps(network_args, ensure_ascii=False),
+        "ss_noise_offset": getattr(args, "noise_offset", None),
+        "ss_adaptive_noise_scale": getattr(args, "adaptive_noise_scale", None),
+        "ss_multires_noise_iterations": getattr(args, "multires_noise_iterations", None),
+        "ss_multires_noise_discount": getattr(args, "multires_noise_discount", None)
+        if getattr(args, "multires_noise_iterations", None)
+        else None,
         "ss_sd_model_name": _basename(args.dit),
         "ss_vae_name": _basename(args.vae),
     }
@@ -146,7 +157,7 @@ def modelspec_metadata(args: Any, arch_full_name: str, timestamp: float) -> dict
     if args.min_timestep is not None or args.max_timestep is not None:
         lo = 0 if args.min_timestep is None else args.min_timestep
         hi = 1000 if args.max_timestep is None else args.max_timestep
-        md["modelspec.timestep_range"] = f"{lo},{hi}"
+        md["modelspec.timestep_range"] = f"{_number(lo)},{_number(hi)}"
     return md
 
 
