@@ -490,3 +490,34 @@ def test_loha_trains_on_kandinsky5_and_generates(k5_bundle, k5_data, tmp_path):
         load_file(str(tmp_path / "loha.safetensors"))["latent"],
     )
     assert not torch.equal(base, with_loha)
+
+
+def test_sample_prompts_are_encoded_once_per_run(k5_bundle, k5_data, tmp_path, monkeypatch):
+    """Defect 9: the text encoders are built once and every prompt / negative is encoded once, however often we sample."""
+    from musubi_tuner.kandinsky5.text_encoders import Kandinsky5TextEncoder
+
+    built, encoded = [], []
+    original_init, original_encode = Kandinsky5TextEncoder.__init__, Kandinsky5TextEncoder.encode
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        original_init(self, *args, **kwargs)
+
+    def counting_encode(self, prompts, *args, **kwargs):
+        encoded.extend(prompts)
+        return original_encode(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Kandinsky5TextEncoder, "__init__", counting_init)
+    monkeypatch.setattr(Kandinsky5TextEncoder, "encode", counting_encode)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "a red ball --w 32 --h 32 --f 1 --s 1 --d 3 --n dull\na blue cube --w 32 --h 32 --f 1 --s 1 --d 4 --n dull\n"
+    )
+    argv = argv_for(k5_bundle, k5_data, tmp_path / "s", "--max_train_steps", "3", "--sample_prompts", str(prompts),
+                    "--sample_every_n_steps", "1", "--sample_at_first", "--vae", str(k5_bundle.vae),
+                    "--text_encoder_qwen", str(k5_bundle.text_encoder_qwen),
+                    "--text_encoder_clip", str(k5_bundle.text_encoder_clip))  # fmt: skip
+    train(argv)
+    assert len(list((tmp_path / "s" / "sample").glob("*.png"))) == 2 * 4  # sampled at steps 0, 1, 2, 3
+    assert len(built) == 1
+    assert sorted(encoded) == ["a blue cube", "a red ball", "dull"]  # each distinct text once
