@@ -41,6 +41,8 @@ from musubi_tuner.training.noise import apply_noise_options
 from musubi_tuner.training.optimizers import get_optimizer, is_schedule_free
 from musubi_tuner.training.sampling import sample_images, should_sample
 from musubi_tuner.training.saving import (
+    check_lora_format,
+    check_network_lora_format,
     epoch_name,
     lora_file,
     prune_epoch_saves,
@@ -379,6 +381,7 @@ class NetworkTrainer:
             raise UserError("--base_weights_multiplier needs one value per --base_weights file")
         if not args.output_dir or not args.output_name:
             raise UserError("--output_dir and --output_name are required")
+        check_lora_format(args.lora_format, self.architecture_full_name)
         return True
 
     def _start_session(self, run: _Run) -> None:
@@ -526,6 +529,7 @@ class NetworkTrainer:
         if hasattr(network, "prepare_network"):
             network.prepare_network(args)
         network.apply_to(None, transformer, apply_text_encoder=False, apply_unet=True)
+        check_network_lora_format(network, args.lora_format, self.architecture_full_name)
         if args.network_weights:
             info = network.load_weights(args.network_weights)
             logger.info(f"loaded network weights {args.network_weights}: {info}")
@@ -798,7 +802,7 @@ class NetworkTrainer:
         md = finalize_metadata(
             run.metadata, args, self.architecture_full_name, steps=run.state.current_step, epoch=run.state.current_epoch
         )
-        save_network_atomic(run.network, path, save_dtype(args), md)
+        save_network_atomic(run.network, path, save_dtype(args), md, args.lora_format, self.architecture_full_name)
         logger.info(f"saved {path}")
         if schedule_free:
             _optimizer_mode(run.optimizer, train=True)

@@ -235,6 +235,14 @@ def setup_parser_common() -> argparse.ArgumentParser:
     g.add_argument("--save_last_n_steps_state", type=int, default=None, help="keep step states of the last N steps")
     g.add_argument("--save_state", action="store_true", help="save a resumable state with every LoRA")
     g.add_argument("--save_state_on_train_end", action="store_true", help="save a state at the end of training")
+    g.add_argument(
+        "--lora_format",
+        type=str,
+        default="kohya",
+        choices=["kohya", "comfyui", "diffusers"],
+        help="layout of saved LoRA files: kohya (musubi-tuner native, default), comfyui (diffusion_model.<path>.lora_A/B), "
+        "diffusers (transformer.<path>.lora_A/B); state directories always hold the native layout",
+    )
 
     g = p.add_argument_group("Hugging Face (not supported: offline product)")
     for name in HF_OPTIONS:

@@ -1,4 +1,5 @@
-"""Saved-file names (specs/training.md §10), ``--save_last_n_*`` pruning, ``--save_precision`` and atomic LoRA writes."""
+"""Saved-file names (specs/training.md §10), ``--save_last_n_*`` pruning, ``--save_precision``, ``--lora_format``
+(specs/networks.md §6.4) and atomic LoRA writes."""
 
 from __future__ import annotations
 
@@ -11,11 +12,21 @@ from typing import Any
 
 import torch
 
+from musubi_tuner.networks.convert import NAME_TABLES, convert_file_tensors, name_table
+from musubi_tuner.utils.atomic import save_safetensors_atomic
+from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
 
 logger = get_logger(__name__)
 
 _PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+LORA_FORMATS = ("kohya", "comfyui", "diffusers")
+# key prefix of the dotted layouts, the same as ``convert_lora.py --target other --diffusers_prefix ...``
+LORA_FORMAT_PREFIXES = {"comfyui": "diffusion_model", "diffusers": "transformer"}
+# architectures whose diffusers module paths are the official ones (specs/networks.md §3); for the others (Wan,
+# FLUX.2) the name tables hold official names only, so a "diffusers" file would carry the wrong module names
+_DIFFUSERS_PATHS_ARE_OFFICIAL = frozenset({"kandinsky5", "qwen_image"})
 
 
 def save_dtype(args: Any) -> torch.dtype:
@@ -47,11 +58,85 @@ def state_dir(output_dir: str | Path, stem: str) -> Path:
     return Path(output_dir) / f"{stem}-state"
 
 
-def save_network_atomic(network: Any, path: Path, dtype: torch.dtype, metadata: dict[str, str] | None) -> None:
-    """``network.save_weights`` into a temporary ``.safetensors`` next to ``path``, then rename over it.
+def check_lora_format(lora_format: str, arch: str) -> None:
+    """Argument-time check of ``--lora_format`` for the trainer's architecture (``architecture_full_name``).
 
-    The temporary name keeps the ``.safetensors`` suffix because network modules pick the format from it.
+    ``kohya`` always works; ``comfyui`` / ``diffusers`` need a conversion name table for ``arch`` (and for
+    ``diffusers``, diffusers module paths equal to the official ones). ``UserError`` otherwise.
     """
+    if lora_format not in LORA_FORMATS:
+        raise UserError(f"--lora_format {lora_format!r}: expected one of {', '.join(LORA_FORMATS)}")
+    if lora_format == "kohya":
+        return
+    if arch not in NAME_TABLES:
+        raise UserError(
+            f"--lora_format {lora_format}: architecture {arch!r} has no LoRA name table, so only --lora_format kohya "
+            f"can be saved (tables exist for {', '.join(sorted(NAME_TABLES))})"
+        )
+    if lora_format == "diffusers" and arch not in _DIFFUSERS_PATHS_ARE_OFFICIAL:
+        raise UserError(
+            f"--lora_format diffusers: renaming {arch} LoRAs to diffusers module names is not implemented; "
+            "use --lora_format comfyui (official module names with the diffusion_model. prefix) or kohya"
+        )
+
+
+def check_network_lora_format(network: Any, lora_format: str, arch: str) -> None:
+    """Before training: every module of ``network`` must be convertible to ``lora_format`` (``UserError`` otherwise).
+
+    Checks the kohya names of ``network.state_dict()`` against ``arch``'s name table, so a network with modules the
+    table does not know (or split ``lora_down.N`` factors, which ``lora_A``/``lora_B`` cannot hold) fails now rather
+    than at the first save.
+    """
+    if lora_format == "kohya":
+        return
+    table = name_table(arch)
+    names = sorted({k.split(".", 1)[0] for k in network.state_dict()})
+    unknown = [n for n in names if (p := table.to_dotted(n)) is None or not table.is_module(p)]
+    if unknown:
+        raise UserError(
+            f"--lora_format {lora_format}: {len(unknown)} of {len(names)} network module(s) are not in the {arch} name "
+            f"table, e.g. {unknown[:5]}; save with --lora_format kohya"
+        )
+    split = sorted({k.split(".", 1)[0] for k in network.state_dict() if ".lora_down." in k and not k.endswith(".lora_down.weight")})
+    if split:
+        raise UserError(
+            f"--lora_format {lora_format}: module(s) {split[:5]} have split LoRA factors (lora_down.N), which the "
+            "lora_A/lora_B layout cannot hold; save with --lora_format kohya"
+        )
+
+
+def _save_converted(
+    network: Any, path: Path, dtype: torch.dtype, metadata: dict[str, str] | None, lora_format: str, arch: str
+) -> None:
+    """Kohya tensors of ``network`` → ``lora_format`` through ``convert_lora``'s exact conversion, saved atomically."""
+    if hasattr(network, "state_dict_for_save"):
+        sd = network.state_dict_for_save(dtype)
+    else:
+        sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in network.state_dict().items()}
+    out, md = convert_file_tensors(sd, metadata or {}, "other", arch, LORA_FORMAT_PREFIXES[lora_format], str(path))
+    save_safetensors_atomic(out, path, md if metadata is not None else None)
+
+
+def save_network_atomic(
+    network: Any,
+    path: Path,
+    dtype: torch.dtype,
+    metadata: dict[str, str] | None,
+    lora_format: str = "kohya",
+    arch: str | None = None,
+) -> None:
+    """Save the LoRA file atomically in ``lora_format`` (``--lora_format``; ``arch`` names the name table).
+
+    ``kohya``: ``network.save_weights`` into a temporary ``.safetensors`` next to ``path``, then rename over it (the
+    temporary name keeps the suffix because network modules pick the format from it). ``comfyui`` / ``diffusers``:
+    the same file as ``convert_lora.py --target other --diffusers_prefix diffusion_model`` / ``transformer`` would
+    write from the kohya file (``<prefix>.<path>.lora_A/B.weight``, alpha folded, no ``sshs_*`` hashes).
+    """
+    if lora_format != "kohya":
+        if arch is None:
+            raise ValueError(f"lora_format={lora_format!r} needs the architecture")
+        _save_converted(network, path, dtype, metadata, lora_format, arch)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.safetensors", dir=path.parent)
     os.close(fd)
