@@ -68,3 +68,24 @@ def test_console_scripts_point_at_main_functions():
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    """Outputs (videos, LoRAs, caches) must be readable like any file the user writes, not 0o600 temp files."""
+    import os
+
+    from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        import torch
+
+        save_safetensors_atomic({"w": torch.zeros(1)}, tmp_path / "w.safetensors")
+        d = make_temp_dir(tmp_path, ".d.")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+    assert d.stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == [d.name, "a.txt", "w.safetensors"]  # no temp files left

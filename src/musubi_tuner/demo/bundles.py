@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from musubi_tuner.kandinsky5.models.loading import DIT_CONFIG_METADATA_KEY
-from musubi_tuner.utils.atomic import save_safetensors_atomic
+from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
 
@@ -477,7 +476,7 @@ def write_k5_bundle(
             )
     dit_config = tiny_dit_config(task)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    tmp = make_temp_dir(root.parent, prefix=f".{root.name}.")
     try:
         write_tiny_dit(tmp / "dit", dit_config, seed)
         write_tiny_hunyuan_vae(tmp / "vae", seed + 1)

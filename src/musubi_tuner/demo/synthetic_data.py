@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from musubi_tuner.demo.tokenizer_corpus import BACKGROUNDS, COLORS, MOTIONS, SHAPES
+from musubi_tuner.utils.atomic import make_temp_dir
 from musubi_tuner.utils.errors import UserError
 
 RGB: dict[str, tuple[int, int, int]] = {
@@ -195,7 +195,7 @@ def write_synthetic_video_dataset(
         if not overwrite:
             raise UserError(f"{root}: exists and is not empty (remove it or pass overwrite)")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    tmp = make_temp_dir(root.parent, prefix=f".{root.name}.")
     captions: dict[str, str] = {}
     try:
         vdir, idir = tmp / "videos", tmp / "images"

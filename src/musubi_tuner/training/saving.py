@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from musubi_tuner.networks.convert import NAME_TABLES, convert_file_tensors, name_table
-from musubi_tuner.utils.atomic import save_safetensors_atomic
+from musubi_tuner.utils.atomic import atomic_path, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
 
@@ -137,19 +134,8 @@ def save_network_atomic(
             raise ValueError(f"lora_format={lora_format!r} needs the architecture")
         _save_converted(network, path, dtype, metadata, lora_format, arch)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.safetensors", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path, suffix=".tmp.safetensors") as tmp:
         network.save_weights(str(tmp), dtype, metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _remove(path: Path) -> None:

@@ -7,23 +7,55 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 
+def _create_temp_file(directory: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file with a unique name, created with mode 0o666 so the process umask applies.
+
+    ``tempfile.mkstemp`` creates 0o600 files, and the rename would leave outputs (videos, LoRAs, caches) readable only
+    by their owner; a plain ``open`` would give the permissions users expect.
+    """
+    for _ in range(100):
+        candidate = directory / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a temporary file in {directory}")
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` in ``parent``, then the permissions a plain ``mkdir`` would give (umask applied)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o777 & ~_umask())
+    return path
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error it is removed."""
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error it is removed.
+
+    ``suffix`` ends the temporary name (writers that choose the format from the extension need the real one).
+    """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_temp_file(dest.parent, f".{dest.name}.", suffix)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        tmp.chmod(0o666 & ~_umask())  # writers that recreate the file (safetensors) leave it 0o600
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
