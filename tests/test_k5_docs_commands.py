@@ -64,7 +64,7 @@ def test_doc_commands_run_as_written(tmp_path):
         keys = list(f.keys())
     assert meta["ss_network_module"] == "networks.lora_kandinsky"
     assert any(k.startswith("lora_unet_visual_transformer_blocks_0_self_attention_to_query") for k in keys)
-    assert (work / "output" / "k5_lora-step00000004.safetensors").is_file()  # --save_every_n_steps 4
+    assert (work / "output" / "k5_lora-000001.safetensors").is_file()  # --save_every_n_epochs 1
 
     with av.open(str(work / "video.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
