@@ -372,3 +372,26 @@ def test_hugging_face_options_refused():
     with pytest.raises(UserError, match="--huggingface_repo_id: Hugging Face upload/download is not supported"):
         check_unsupported_hf(parse("--huggingface_repo_id", "me/x"))
     check_unsupported_hf(parse())
+
+
+def test_image_flow_shift_applies_to_single_frame_video_batches_only():
+    from musubi_tuner.hv_train_network import NetworkTrainer
+    from musubi_tuner.utils.errors import UserError
+
+    argv = ["--dataset_config", "x.toml", "--dit", "x.safetensors", "--timestep_sampling", "shift", "--discrete_flow_shift", "3.0"]
+    args = setup_parser_common().parse_args([*argv, "--image_flow_shift", "1.0"])
+    trainer = NetworkTrainer()
+    trainer._build_timestep_samplers(args)
+    u = [0.1, 0.5, 0.9]
+
+    def draw(frames: int) -> torch.Tensor:
+        latents = torch.zeros(3, 4, frames, 8, 8)
+        batch = {"timesteps": u}
+        return trainer.get_noisy_model_input_and_timesteps(args, torch.zeros_like(latents), latents, batch, "cpu", torch.float32)[1]
+
+    unshifted, shifted = draw(1), draw(5)
+    # same base draws; the multi-frame batch gets shift 3: t' = 3t / (1 + 2t), the single-frame batch shift 1 (identity)
+    assert torch.allclose(shifted, 3 * unshifted / (1 + 2 * unshifted), atol=1e-6)
+    assert not torch.allclose(shifted, unshifted)
+    with pytest.raises(UserError, match="--image_flow_shift must be > 0"):
+        trainer._build_timestep_samplers(setup_parser_common().parse_args([*argv, "--image_flow_shift", "0"]))

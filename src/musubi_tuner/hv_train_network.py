@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,7 @@ class NetworkTrainer:
 
     def __init__(self) -> None:
         self.timestep_sampler: TimestepSampler | None = None
+        self.image_timestep_sampler: TimestepSampler | None = None  # --image_flow_shift: single-frame video batches
         self.blocks_to_swap = 0
 
     # ------------------------------------------------------------------------------------------------------------
@@ -234,9 +235,22 @@ class NetworkTrainer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``t`` (shape (B,), in [0, 1]; the batch's stratified pool slice when present) and ``x_t``."""
         assert self.timestep_sampler is not None
+        sampler = self.timestep_sampler
+        if self.image_timestep_sampler is not None and latents.dim() == 5 and latents.shape[2] == 1:
+            sampler = self.image_timestep_sampler
         hw = (int(latents.shape[-2]), int(latents.shape[-1]))
-        t = self.timestep_sampler.sample(latents.shape[0], hw, device=device, uniforms=batch.get("timesteps"))
+        t = sampler.sample(latents.shape[0], hw, device=device, uniforms=batch.get("timesteps"))
         return noisy_input(latents, noise, t).to(dtype), t
+
+    def _build_timestep_samplers(self, args: argparse.Namespace) -> None:
+        """The run's timestep sampler, and with ``--image_flow_shift`` a second one for single-frame video batches."""
+        timestep_config = TimestepConfig.from_args(args)
+        self.timestep_sampler = TimestepSampler(timestep_config)
+        self.image_timestep_sampler = None
+        if args.image_flow_shift is not None:
+            if args.image_flow_shift <= 0:
+                raise UserError(f"--image_flow_shift must be > 0 (got {args.image_flow_shift})")
+            self.image_timestep_sampler = TimestepSampler(replace(timestep_config, discrete_flow_shift=args.image_flow_shift))
 
     def compute_loss(self, args: argparse.Namespace, output: DiTOutput, t: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """``mean(weight · (pred − target)²)`` in float32, weight from ``--weighting_scheme`` at σ = t."""
@@ -369,7 +383,7 @@ class NetworkTrainer:
             raise UserError("--noise_offset_random_strength needs --noise_offset")
         self.attn_mode = attention_mode_from_args(args, training=True)
         self.handle_model_specific_args(args)
-        self.timestep_sampler = TimestepSampler(TimestepConfig.from_args(args))
+        self._build_timestep_samplers(args)
         if args.show_timesteps:
             show_timesteps(args)
             return False

@@ -152,7 +152,9 @@ def sanitized_config(args: Any) -> dict[str, Any]:
 
 
 def apply_cuda_flags(args: Any) -> None:
-    """``--cuda_allow_tf32`` and ``--cuda_cudnn_benchmark``."""
+    """``--cuda_allow_tf32``, ``--cuda_cudnn_benchmark`` and ``--fp16_accumulation``."""
+    if args.fp16_accumulation:
+        enable_fp16_accumulation()
     if args.cuda_allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -163,3 +165,15 @@ def apply_cuda_flags(args: Any) -> None:
 def num_loader_workers(args: Any) -> int:
     """``min(--max_data_loader_n_workers, cpu_count)``."""
     return max(0, min(args.max_data_loader_n_workers, os.cpu_count() or 1))
+
+
+def enable_fp16_accumulation() -> None:
+    """``--fp16_accumulation``: let CUDA fp16 matmuls accumulate in fp16 (torch >= 2.7), with the warning it deserves."""
+    backend = torch.backends.cuda.matmul
+    if not hasattr(backend, "allow_fp16_accumulation"):
+        raise UserError(f"--fp16_accumulation needs torch >= 2.7 (this is {torch.__version__})")
+    backend.allow_fp16_accumulation = True
+    logger.warning(
+        "--fp16_accumulation: fp16 matmuls accumulate in fp16; this loses precision and is generally harmful for "
+        "training (it only affects fp16 matmuls on CUDA)"
+    )

@@ -105,6 +105,11 @@ def setup_parser_common() -> argparse.ArgumentParser:
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision")
     g.add_argument(
+        "--fp16_accumulation",
+        action="store_true",
+        help="CUDA fp16 matmuls accumulate in fp16 (faster, less exact; generally harmful for training — blissful-tuner)",
+    )
+    g.add_argument(
         "--save_precision",
         type=str,
         default=None,
@@ -198,6 +203,13 @@ def setup_parser_common() -> argparse.ArgumentParser:
         help="timestep distribution; 'sigma' ignores --discrete_flow_shift (musubi-tuner compatibility), 'shift' uses it",
     )
     g.add_argument("--discrete_flow_shift", type=float, default=1.0, help="shift of --timestep_sampling shift")
+    g.add_argument(
+        "--image_flow_shift",
+        type=float,
+        default=None,
+        help="shift for single-frame batches of a video model (image datasets mixed into video training); "
+        "default --discrete_flow_shift (blissful-tuner)",
+    )
     g.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of sigmoid/shift sampling")
     g.add_argument("--weighting_scheme", type=str, default="none", choices=WEIGHTING_SCHEMES, help="loss weighting / sigma density")
     g.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal / logsnr mean")

@@ -110,6 +110,7 @@ def training_metadata(
         "ss_timestep_sampling": args.timestep_sampling,
         "ss_sigmoid_scale": args.sigmoid_scale,
         "ss_discrete_flow_shift": args.discrete_flow_shift,
+        "ss_image_flow_shift": getattr(args, "image_flow_shift", None),
         "ss_datasets": datasets_json,
         "ss_network_args": json.dumps(network_args, ensure_ascii=False),
         "ss_noise_offset": getattr(args, "noise_offset", None),
