@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from musubi_tuner.kandinsky5.models.loading import DIT_CONFIG_METADATA_KEY
+from musubi_tuner.kandinsky5.vae import FLUX1_VAE_CONFIG
 from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
@@ -112,23 +113,13 @@ TINY_HUNYUAN_VAE_CONFIG: dict[str, Any] = {
     "mid_block_add_attention": True,
 }
 
+# The released FLUX.1 VAE layout, shrunk: same blocks, scaling and shift, narrow channels, one layer per block.
 TINY_FLUX_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    **FLUX1_VAE_CONFIG,
     "block_out_channels": [8, 16, 16, 16],
     "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 16,
     "norm_num_groups": 4,
     "sample_size": 64,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "force_upcast": True,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "mid_block_add_attention": True,
 }
 
 
