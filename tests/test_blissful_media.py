@@ -48,6 +48,7 @@ def _metadata():
         guidance_scale=5.0,
         cfgzerostar_scaling=False,
         cfgzerostar_init_steps=-1,
+        cfgzerostar_multiplier=0.0,
         riflex_index=0,
         lora_weight=["/secret/dir/style.safetensors", "b.safetensors"],
         lora_multiplier=[0.8],
@@ -62,7 +63,7 @@ def test_prepare_metadata_keys():
     assert md["bt_infer_steps"] == "30" and md["bt_guidance_scale"] == "5.0"
     assert md["bt_lora_0"] == "style.safetensors: 0.8" and md["bt_lora_1"] == "b.safetensors: 1"
     assert "secret" not in json.dumps(md)
-    for off in ("bt_cfgzerostar_scaling", "bt_cfgzerostar_init_steps", "bt_riflex_index"):
+    for off in ("bt_cfgzerostar_scaling", "bt_cfgzerostar_init_steps", "bt_cfgzerostar_multiplier", "bt_riflex_index"):
         assert off not in md
     assert {"bt_creation_timestamp", "bt_tunerver"} <= set(md)
 
@@ -182,3 +183,12 @@ def test_tiny_h265_is_padded_instead_of_crashing(tmp_path):
     for _ in range(2):  # the libx265 heap corruption showed on the second small encode
         path = save_video(_frames(3, 48, 48), tmp_path / "tiny.mkv", codec="h265", container="mkv")
     assert _decode(path)[0].shape == (64, 64, 3)
+
+
+def test_cfgzerostar_multiplier_recorded_only_with_zero_init_steps():
+    def md(init_steps):
+        args = argparse.Namespace(prompt="x", cfgzerostar_init_steps=init_steps, cfgzerostar_multiplier=0.5)
+        return prepare_metadata(args, model_type="Kandinsky 5 Lite", seeds=1)
+
+    assert md(2)["bt_cfgzerostar_init_steps"] == "2" and md(2)["bt_cfgzerostar_multiplier"] == "0.5"
+    assert "bt_cfgzerostar_multiplier" not in md(-1)

@@ -143,6 +143,8 @@ def prepare_metadata(
     if getattr(args, "nag_scale", None) is None:
         for key in _NAG_DEPENDENT:
             md.pop(key, None)
+    if "bt_cfgzerostar_init_steps" not in md:  # the multiplier only acts on zero-init steps
+        md.pop("bt_cfgzerostar_multiplier", None)
     if prompt is not None:
         md["bt_prompt"] = prompt
     if negative_prompt is not None:
