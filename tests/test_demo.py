@@ -27,3 +27,22 @@ def test_demo_rejects_too_few_steps(tmp_path, capsys):
         main(["--work_dir", str(tmp_path), "--steps", "1"])
     assert e.value.code == 2
     assert "--steps must be >= 2" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_directory_that_is_not_its_own(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(SystemExit) as e:
+        main(["--work_dir", str(tmp_path), "--prepare_only"])
+    assert e.value.code == 2 and "is not a demo work directory" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_rerun_clears_only_the_previous_run_outputs(tmp_path):
+    from musubi_tuner.demo.run_demo import RUN_OUTPUTS, WORK_DIR_MARKER, claim_work_dir
+
+    claim_work_dir(tmp_path / "w")
+    for name in (*RUN_OUTPUTS, "bundle"):
+        (tmp_path / "w" / name).mkdir()
+        (tmp_path / "w" / name / "f").write_text("x")
+    claim_work_dir(tmp_path / "w")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [WORK_DIR_MARKER, "bundle"]

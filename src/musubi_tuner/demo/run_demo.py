@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +26,8 @@ from musubi_tuner.utils.log import get_logger
 logger = get_logger(__name__)
 
 TASK = "k5-lite-t2v-5s-sd"
+WORK_DIR_MARKER = ".blissful_demo"
+RUN_OUTPUTS = ("output", "videos", "merged", "tracker", "logs")  # cleared when the demo runs again
 PROMPT = "a red circle moving to the right on a dark background"
 ACCELERATE_CPU_CONFIG = """\
 compute_environment: LOCAL_MACHINE
@@ -86,13 +89,27 @@ def _loss_trend(logging_dir: Path) -> list[float]:
     return [float(r["loss/current"]) for r in read_metrics(files[-1]) if "loss/current" in r]
 
 
+def claim_work_dir(work: Path) -> None:
+    """Use ``work`` only when it is new, empty or an earlier demo's (marker file); clear that demo's run outputs.
+
+    Re-running the demo then never mixes old samples into the summary, and a mistyped ``--work_dir`` pointing at a
+    directory of the user's is refused instead of being overwritten.
+    """
+    if work.is_file() or (work.is_dir() and any(work.iterdir()) and not (work / WORK_DIR_MARKER).is_file()):
+        raise UserError(f"{work}: exists and is not a demo work directory (no {WORK_DIR_MARKER}); choose another --work_dir")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_DIR_MARKER).write_text("written by python -m musubi_tuner.demo\n", encoding="utf-8")
+    for name in RUN_OUTPUTS:
+        shutil.rmtree(work / name, ignore_errors=True)
+
+
 def prepare(work_dir: str | os.PathLike, *, seed: int = 42):
     """Write the tiny bundle (``<work>/bundle``) and the synthetic dataset (``<work>/data``); returns both."""
     from musubi_tuner.demo.bundles import write_k5_bundle
     from musubi_tuner.demo.synthetic_data import write_synthetic_video_dataset
 
     work = Path(work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    claim_work_dir(work)
     bundle = write_k5_bundle(work / "bundle", task=TASK, seed=0)
     data = write_synthetic_video_dataset(work / "data", n_videos=4, frames=17, size=(64, 64), seed=seed, overwrite=True)
     print(f"tiny Kandinsky 5 bundle: {bundle.root}\nsynthetic dataset: {data.root} (config {data.video_toml})")
