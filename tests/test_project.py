@@ -89,3 +89,15 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
     assert d.stat().st_mode & 0o777 == 0o755
     assert sorted(p.name for p in tmp_path.iterdir()) == [d.name, "a.txt", "w.safetensors"]  # no temp files left
+
+
+@pytest.mark.slow
+def test_scripts_run_from_their_source_path():
+    """DESIGN: ``python src/musubi_tuner/<script>.py`` works too (its folder is then first on sys.path)."""
+    scripts = ["kandinsky5_cache_latents", "kandinsky5_cache_text_encoder_outputs", "kandinsky5_train_network"]
+    scripts += ["kandinsky5_generate_video", "merge_lora", "convert_lora"]
+    for name in scripts:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "src" / "musubi_tuner" / f"{name}.py"), "--help"], capture_output=True, text=True
+        )
+        assert proc.returncode == 0 and "usage:" in proc.stdout, f"{name}: {proc.stderr[-2000:]}"
