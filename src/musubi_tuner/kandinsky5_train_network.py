@@ -208,12 +208,9 @@ class Kandinsky5NetworkTrainer(NetworkTrainer):
 
     def load_transformer(self, accelerator, args, dit_path, attn_mode, split_attn, loading_device, dit_weight_dtype):
         from musubi_tuner.kandinsky5.models.loading import load_dit
-        from musubi_tuner.kandinsky5.training import base_dit_params
 
         assert self.task is not None
-        params = None
         if self._override_dit:
-            params = {**base_dit_params(self.task, dit_path), **self._override_dit}
             logger.info(f"--override_dit: {self._override_dit}")
         compute = parse_dtype(args.dit_dtype, torch.bfloat16, flag="--dit_dtype")
         return load_dit(
@@ -224,7 +221,7 @@ class Kandinsky5NetworkTrainer(NetworkTrainer):
             fp8_base=bool(args.fp8_base),
             fp8_scaled=bool(args.fp8_scaled),
             attn_mode=attn_mode,
-            params=params,
+            overrides=self._override_dit,
         )
 
     def load_vae(self, args: argparse.Namespace, vae_dtype: torch.dtype, vae_path: str | None) -> Any:

@@ -22,7 +22,7 @@ import torch
 
 from musubi_tuner.kandinsky5.caching import text_batch
 from musubi_tuner.kandinsky5.conditioning import I2VMode, build_dit_input, conditioned_frame_indices
-from musubi_tuner.kandinsky5.configs import LATENT_CHANNELS, TaskConfig, dit_params_for
+from musubi_tuner.kandinsky5.configs import LATENT_CHANNELS, TaskConfig
 from musubi_tuner.kandinsky5.models.nabla import DEFAULT_FORCED_P, NABLA_METHODS, TILE, NablaParams, build_sparse_params
 from musubi_tuner.utils.errors import UserError
 
@@ -319,26 +319,3 @@ def parse_override_dit(text: str | None) -> dict[str, Any]:
         if key in value:
             value[key] = tuple(value[key])
     return value
-
-
-def base_dit_params(task: TaskConfig, dit_path: str | os.PathLike) -> dict[str, Any]:
-    """The DiT parameters ``load_dit`` would use for ``dit_path``: a diffusers ``config.json``, else a single file's
-    ``k5_dit_config`` metadata, else the task's dims."""
-    from musubi_tuner.kandinsky5.models.loading import DIT_CONFIG_METADATA_KEY, read_diffusers_config
-    from musubi_tuner.utils.safetensors_utils import load_safetensors_metadata
-
-    path = Path(dit_path)
-    if path.is_dir():
-        for cfg in (path / "config.json", path / "transformer" / "config.json"):
-            if cfg.is_file():
-                return read_diffusers_config(cfg)
-        return dit_params_for(task)
-    if path.suffix == ".safetensors" and path.is_file():
-        embedded = load_safetensors_metadata(path).get(DIT_CONFIG_METADATA_KEY)
-        if embedded:
-            params = json.loads(embedded)
-            for key in ("patch_size", "axes_dims"):
-                if key in params:
-                    params[key] = tuple(params[key])
-            return params
-    return dit_params_for(task)

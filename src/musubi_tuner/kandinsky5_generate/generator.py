@@ -24,7 +24,7 @@ from blissful_tuner.metadata import prepare_metadata
 from blissful_tuner.seeds import make_generator, seed_everything
 from blissful_tuner.utils import compile_kwargs
 from musubi_tuner.kandinsky5.configs import TaskConfig
-from musubi_tuner.kandinsky5.models.loading import load_dit
+from musubi_tuner.kandinsky5.models.loading import dit_weights_path, load_dit
 from musubi_tuner.kandinsky5.models.nabla import build_sparse_params
 from musubi_tuner.kandinsky5.pipeline import decode_latents, initial_noise, sample_latents, ti2i_step_count
 from musubi_tuner.kandinsky5.vae import K5Vae, load_k5_vae
@@ -52,11 +52,8 @@ def _free() -> None:
 
 def _file_dtype(path: str) -> torch.dtype | None:
     """The dtype of the (never quantised) text-embedding norm in the checkpoint: the file's working dtype."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "transformer" if (p / "transformer" / "config.json").is_file() else p
     try:
-        with open_weights(p) as reader:
+        with open_weights(dit_weights_path(path)) as reader:
             key = "text_embeddings.norm.weight"
             return reader.get_dtype(key) if key in reader else None
     except UserError:
@@ -65,10 +62,7 @@ def _file_dtype(path: str) -> torch.dtype | None:
 
 def _checkpoint_keys(path: str) -> list[str]:
     """The tensor names of the DiT checkpoint (what a LoRA's keys are matched against)."""
-    p = Path(path)
-    if p.is_dir() and (p / "transformer" / "config.json").is_file():
-        p = p / "transformer"
-    with open_weights(p) as reader:
+    with open_weights(dit_weights_path(path)) as reader:
         return list(reader.keys())
 
 

@@ -55,6 +55,14 @@ def _transformer_dir(path: Path) -> Path | None:
     return path  # a bare directory of safetensors shards: params come from the task
 
 
+def dit_weights_path(dit_path: str | os.PathLike) -> Path:
+    """What ``--dit`` names on disk to read tensors from: the file itself, or the diffusers transformer folder of a
+    pipeline / transformer directory (a bare directory of shards is used as it is)."""
+    path = Path(dit_path)
+    tdir = _transformer_dir(path)
+    return tdir if tdir is not None else path
+
+
 def read_diffusers_config(config_path: Path) -> dict:
     """DiT constructor arguments from a diffusers ``config.json`` (bookkeeping fields dropped)."""
     try:
@@ -133,6 +141,7 @@ def load_dit(
     attn_mode: str = "sdpa",
     lora_deltas: LoraDeltaHook | None = None,
     params: dict | None = None,
+    overrides: dict | None = None,
 ) -> DiffusionTransformer3D:
     """Build ``DiffusionTransformer3D`` for a task on ``meta`` and stream ``dit_path`` into it.
 
@@ -147,22 +156,25 @@ def load_dit(
         lora_deltas: hook merging LoRA deltas into each weight in high precision, before any fp8 quantisation.
         params: explicit constructor arguments; overrides the task dims. Without it: a diffusers directory's
             ``config.json``, else a single file's ``k5_dit_config`` metadata, else the task's dims.
+        overrides: fields replacing those of the resolved parameters (``--override_dit``).
     """
     path = Path(dit_path)
     if not path.exists():
         raise UserError(f"{path}: DiT checkpoint not found (--dit)")
-    tdir = _transformer_dir(path)
-    if params is None and tdir is not None and (tdir / "config.json").is_file():
-        params = read_diffusers_config(tdir / "config.json")
+    weights = dit_weights_path(path)
+    if params is None and weights.is_dir() and (weights / "config.json").is_file():
+        params = read_diffusers_config(weights / "config.json")
 
     fp8 = k5_fp8_config(scaled=fp8_scaled or fp8_fast, use_scaled_mm=fp8_fast) if (fp8_base or fp8_scaled or fp8_fast) else None
-    reader = open_weights(tdir if tdir is not None else path)
+    reader = open_weights(weights)
     try:
         if params is None:
             embedded = reader.metadata().get(DIT_CONFIG_METADATA_KEY)
             params = _params_from_json(embedded, f"{path} metadata {DIT_CONFIG_METADATA_KEY}") if embedded else None
         if params is None:
             params = dit_params_for(task_config)
+        if overrides:
+            params = {**params, **overrides}
         try:
             with torch.device("meta"):
                 model = DiffusionTransformer3D(**params, attn_mode=attn_mode)
