@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from musubi_tuner.networks import lora
-from musubi_tuner.networks.arch_targets import targets_for_model
 
 LOHA_NETWORK_ARGS = ("rank_dropout", "module_dropout", "exclude_patterns", "include_patterns", "exclude_mod", "verbose")
 
@@ -126,6 +125,15 @@ class LoHaInfModule(LoHaModule):
         super().__init__(lora_name, org_module, multiplier, lora_dim, alpha)
 
 
+# What makes lora.create_network build LoHa modules: the module class, its network_args, its name, Linear only.
+_LOHA_FACTORY_OPTIONS: dict[str, Any] = {
+    "module_class": LoHaModule,
+    "valid_args": LOHA_NETWORK_ARGS,
+    "module_name": "networks.loha",
+    "conv_ok": False,
+}
+
+
 def create_network(
     multiplier: float,
     network_dim: int | None,
@@ -142,7 +150,7 @@ def create_network(
     **kwargs: Any,
 ) -> lora.LoRANetwork:
     """Generic LoHa factory (architecture modules pass their targets); Linear layers only."""
-    network = lora.create_network(
+    return lora.create_network(
         multiplier,
         network_dim,
         network_alpha,
@@ -154,13 +162,9 @@ def create_network(
         default_includes=default_includes,
         targets=targets,
         neuron_dropout=neuron_dropout,
-        module_class=LoHaModule,
-        valid_args=LOHA_NETWORK_ARGS,
-        module_name="networks.loha",
-        conv_ok=False,
+        **_LOHA_FACTORY_OPTIONS,
         **kwargs,
     )
-    return network
 
 
 def create_arch_network(
@@ -174,18 +178,8 @@ def create_arch_network(
     **kwargs: Any,
 ) -> lora.LoRANetwork:
     """``--network_module networks.loha``: the architecture targets of ``unet`` (``arch_targets``), else every Linear."""
-    targets = targets_for_model(unet)
-    return create_network(
-        multiplier,
-        network_dim,
-        network_alpha,
-        vae,
-        text_encoders,
-        unet,
-        target_replace_modules=targets.target_modules,
-        targets=targets,
-        neuron_dropout=neuron_dropout,
-        **kwargs,
+    return lora.create_arch_network(
+        multiplier, network_dim, network_alpha, vae, text_encoders, unet, neuron_dropout, **_LOHA_FACTORY_OPTIONS, **kwargs
     )
 
 
