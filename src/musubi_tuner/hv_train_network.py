@@ -313,6 +313,9 @@ class NetworkTrainer:
         """Extra metadata keys of the saved LoRAs."""
         return {}
 
+    def on_datasets_loaded(self, args: argparse.Namespace, train_group: Any, val_group: Any | None) -> None:
+        """Called once the cached datasets are indexed, before any model loads (e.g. to check latent geometry)."""
+
     def extra_step_logs(self, args: argparse.Namespace, step: int) -> dict[str, float]:
         """Extra values logged every step."""
         return {}
@@ -435,6 +438,7 @@ class NetworkTrainer:
         ):
             logger.info("validation datasets are configured but unused: pass --validate_every_n_steps or --validate_every_n_epochs")
         run.dataset = EpochSyncedDataset(run.train_group)
+        self.on_datasets_loaded(args, run.train_group, run.val_group)
 
     def _setup_accelerator(self, run: _Run) -> None:
         args = run.args

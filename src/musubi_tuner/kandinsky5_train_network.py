@@ -28,7 +28,6 @@ from musubi_tuner.kandinsky5.models.nabla import NABLA_METHODS
 from musubi_tuner.kandinsky5.training import (
     NablaSettings,
     build_training_dit_inputs,
-    cached_latent_sizes,
     channels_first,
     check_nabla_latent_sizes,
     frame_weighted_mse,
@@ -193,16 +192,15 @@ class Kandinsky5NetworkTrainer(NetworkTrainer):
 
     # -- datasets: NABLA needs 128-aligned latents; fail before any model is loaded -----------------------------
 
-    def _load_datasets(self, run: Any) -> None:
-        super()._load_datasets(run)
+    def on_datasets_loaded(self, args: argparse.Namespace, train_group: Any, val_group: Any | None) -> None:
         if self.nabla is None:
             return
-        for group in (run.train_group, run.val_group):
+        for group in (train_group, val_group):
             if group is None:
                 continue
             for ds in group.datasets:
-                sizes = cached_latent_sizes([item.latent_path for item in ds.items])
-                check_nabla_latent_sizes(sizes, f"{run.args.dataset_config} ({ds.cache_directory})")
+                sizes = [item.latent_shape[-2:] for item in ds.items if item.latent_shape is not None]
+                check_nabla_latent_sizes(sizes, f"{args.dataset_config} ({ds.cache_directory})")
 
     # -- models ----------------------------------------------------------------------------------------------------
 

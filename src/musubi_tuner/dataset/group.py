@@ -30,12 +30,13 @@ logger = get_logger(__name__)
 
 @dataclass(frozen=True)
 class CachedItem:
-    """One trainable item: its latent cache, its TE cache and what was parsed from the name."""
+    """One trainable item: its latent cache, its TE cache, what was parsed from the name and the latent's shape."""
 
     latent_path: Path
     te_path: Path
     name: LatentCacheName
     bucket: tuple[int, int]
+    latent_shape: tuple[int, ...] | None = None  # of the ``latents`` tensor, from the cache header
 
 
 class CachedDataset:
@@ -79,9 +80,10 @@ class CachedDataset:
                 if problem:
                     raise UserError(f"{f}: cache does not match this run ({problem}); re-run the caching scripts")
                 shapes.extend((k, tuple(v["shape"])) for k, v in sorted(entries.items()) if not batch_key(k)[1])
+            latent_shape = next((shape for k, shape in shapes if batch_key(k)[0] == "latents"), None)
             bucket = selector.select((name.width, name.height))
             index = len(self.items)
-            self.items.append(CachedItem(path, te_path, name, bucket))
+            self.items.append(CachedItem(path, te_path, name, bucket, latent_shape))
             self.plan.add((bucket, name.count, tuple(shapes)), index, p.num_repeats)
         if self.missing_te:
             logger.warning(

@@ -12,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,21 +132,6 @@ def check_nabla_latent_sizes(sizes: Sequence[tuple[int, int]], source: str) -> N
             f"cached buckets (W x H px) are not: {shown}. Re-cache with kandinsky5_cache_latents.py --nabla_resize, "
             f"use resolutions that are multiples of {NABLA_PIXEL_MULTIPLE} without bucketing, or train with --dense_attention"
         )
-
-
-def cached_latent_sizes(latent_paths: Sequence[str | os.PathLike]) -> list[tuple[int, int]]:
-    """Latent ``(H, W)`` of each latent cache file, read from the safetensors headers (no tensor data)."""
-    from musubi_tuner.dataset.cache_format import batch_key, read_header
-
-    sizes = []
-    for path in latent_paths:
-        entries, _ = read_header(Path(path))
-        for key, entry in entries.items():
-            if batch_key(key)[0] == "latents":
-                shape = entry["shape"]
-                sizes.append((int(shape[-2]), int(shape[-1])))
-                break
-    return sizes
 
 
 # ----------------------------------------------------------------------------------------------------------------------
