@@ -197,27 +197,6 @@ def make_job(
     return job
 
 
-def _parse_text_lines(path: Path, strict: bool, handler: Callable[[str, str], None], errors: list[str]) -> list[PromptSpec]:
-    """Every line of a text batch file; errors are collected so that all bad lines are reported at once."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 ({e})") from None
-    specs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        try:
-            spec = parse_prompt_line(stripped, source=str(path), line_number=number, strict=strict, unknown=handler)
-        except UserError as e:
-            errors.append(str(e))
-            continue
-        spec.index = len(specs)
-        specs.append(spec)
-    return specs
-
-
 def load_jobs(
     args: argparse.Namespace,
     *,
@@ -237,10 +216,7 @@ def load_jobs(
     strict = bool(getattr(args, "strict_prompts", False))
     handler = _reject_cli_only(args, strict)
     errors: list[str] = []
-    if Path(from_file).suffix.lower() in (".toml", ".json"):
-        specs = load_prompt_file(from_file, strict=strict, unknown=handler)
-    else:
-        specs = _parse_text_lines(Path(from_file), strict, handler, errors)
+    specs = load_prompt_file(from_file, strict=strict, unknown=handler, errors=errors)
     if not specs and not errors:
         raise UserError(f"--from_file {from_file}: no prompt lines")
     jobs = []

@@ -322,13 +322,18 @@ def spec_from_dict(
     return spec
 
 
-def _load_txt(path: Path, strict: bool, unknown: UnknownHandler | None) -> list[PromptSpec]:
+def _load_txt(path: Path, strict: bool, unknown: UnknownHandler | None, errors: list[str] | None) -> list[PromptSpec]:
     specs = []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        specs.append(parse_prompt_line(stripped, source=str(path), line_number=number, strict=strict, unknown=unknown))
+        try:
+            specs.append(parse_prompt_line(stripped, source=str(path), line_number=number, strict=strict, unknown=unknown))
+        except UserError as e:
+            if errors is None:
+                raise
+            errors.append(str(e))
     return specs
 
 
@@ -385,13 +390,16 @@ def _load_json(path: Path, strict: bool, unknown: UnknownHandler | None) -> list
     return specs
 
 
-def load_prompt_file(path: str | Path, *, strict: bool = False, unknown: UnknownHandler | None = None) -> list[PromptSpec]:
+def load_prompt_file(
+    path: str | Path, *, strict: bool = False, unknown: UnknownHandler | None = None, errors: list[str] | None = None
+) -> list[PromptSpec]:
     """Every prompt of a ``.txt`` / ``.toml`` / ``.json`` prompt file, in order, each with its ``index`` (0-based).
 
     ``.txt``: one prompt line per line; blank lines and lines starting with ``#`` (after stripping) are skipped.
     ``.toml``: ``[prompt]`` defaults merged into each ``[[prompt.subset]]`` (the subset wins).
     ``.json``: a list of dicts (field names as keys) or strings (parsed as lines).
     ``strict`` turns unknown options/keys into errors; ``unknown`` overrides that handling (see ``parse_prompt_line``).
+    With ``errors``, a bad ``.txt`` line is appended there and skipped instead of raised (report all at once).
     """
     p = Path(path)
     suffix = p.suffix.lower()
@@ -400,7 +408,7 @@ def load_prompt_file(path: str | Path, *, strict: bool = False, unknown: Unknown
     elif suffix == ".json":
         specs = _load_json(p, strict, unknown)
     else:
-        specs = _load_txt(p, strict, unknown)
+        specs = _load_txt(p, strict, unknown, errors)
     for i, spec in enumerate(specs):
         spec.index = i
     return specs
