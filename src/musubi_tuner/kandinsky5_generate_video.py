@@ -15,7 +15,7 @@ encoders; encode the reference images with the VAE; load the DiT once (LoRAs mer
 swap or move it to the device; sample every job; free the DiT; decode and save. Batch files (``--from_file``) and
 ``--interactive`` use the shared loops of ``blissful_tuner.generation_loop``.
 
-This script only runs the parts of ``musubi_tuner.kandinsky5_generate``: ``args`` (command line), ``plan`` (per-job
+This script only runs the parts of ``musubi_tuner.kandinsky5.generate``: ``args`` (command line), ``plan`` (per-job
 settings), ``generator`` (``K5Generator``: the models and sampling) and ``outputs`` (saving, ``--decode_from_latent``).
 """
 
@@ -28,10 +28,10 @@ from pathlib import Path
 
 from blissful_tuner.generation_loop import interactive_jobs, load_jobs, run_interactive, run_jobs
 from blissful_tuner.utils import apply_precision_flags, ring_bell
-from musubi_tuner.kandinsky5_generate.args import parse_args, setup_parser
-from musubi_tuner.kandinsky5_generate.generator import K5Generator
-from musubi_tuner.kandinsky5_generate.outputs import decode_saved_latents, write_outputs
-from musubi_tuner.kandinsky5_generate.plan import JobPlan, plan_job, validate_job
+from musubi_tuner.kandinsky5.generate.args import parse_args, setup_parser
+from musubi_tuner.kandinsky5.generate.generator import K5Generator
+from musubi_tuner.kandinsky5.generate.outputs import decode_saved_latents, write_outputs
+from musubi_tuner.kandinsky5.generate.plan import JobPlan, plan_job, validate_job
 from musubi_tuner.utils.errors import UserError, cli_entry
 
 __all__ = [

@@ -24,12 +24,12 @@ from blissful_tuner.metadata import prepare_metadata
 from blissful_tuner.seeds import make_generator, seed_everything
 from blissful_tuner.utils import compile_kwargs
 from musubi_tuner.kandinsky5.configs import TaskConfig
+from musubi_tuner.kandinsky5.generate.outputs import write_outputs
+from musubi_tuner.kandinsky5.generate.plan import JobPlan
 from musubi_tuner.kandinsky5.models.loading import dit_weights_path, load_dit
 from musubi_tuner.kandinsky5.models.nabla import build_sparse_params
 from musubi_tuner.kandinsky5.pipeline import decode_latents, initial_noise, sample_latents, ti2i_step_count
 from musubi_tuner.kandinsky5.vae import K5Vae, load_k5_vae
-from musubi_tuner.kandinsky5_generate.outputs import write_outputs
-from musubi_tuner.kandinsky5_generate.plan import JobPlan
 from musubi_tuner.utils.dtypes import parse_dtype
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
