@@ -29,6 +29,7 @@ from musubi_tuner.training.accel import (
     wandb_run_id,
 )
 from musubi_tuner.training.args import (
+    check_dependent_options,
     check_unsupported_hf,
     parse_network_args,
     read_config_from_file,
@@ -399,7 +400,29 @@ class NetworkTrainer:
         if not args.output_dir or not args.output_name:
             raise UserError("--output_dir and --output_name are required")
         check_lora_format(args.lora_format, self.architecture_full_name)
+        check_dependent_options(args)
+        self._check_dependencies(args)
+        if args.resume:
+            resume_mod.verify_state_dir(resume_mod.resolve_state_dir(args.resume))
         return True
+
+    def _check_dependencies(self, args: argparse.Namespace) -> None:
+        """Import what the options need (optimizer, scheduler class, network module) before any model is loaded."""
+        from musubi_tuner.training.optimizers import resolve_optimizer_class
+
+        resolve_optimizer_class(args.optimizer_type)
+        if args.lr_scheduler_type:
+            from musubi_tuner.training.lr_schedulers import resolve_scheduler_class
+
+            resolve_scheduler_class(args.lr_scheduler_type)
+        module_name = resolve_network_module(args.network_module)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise UserError(f"--network_module {args.network_module}: cannot import {module_name} ({e})") from None
+        check = getattr(module, "check_save_format", None)
+        if callable(check):
+            check(args.lora_format, parse_network_args(args.network_args))
 
     def _start_session(self, run: _Run) -> None:
         args = run.args
@@ -487,6 +510,7 @@ class NetworkTrainer:
                 ring_size=args.block_swap_ring_size,
             )
             transformer.enable_block_swap(self.blocks_to_swap, config)
+            self.blocks_to_swap = transformer.blocks_to_swap  # clamped to what the model can swap (with a warning)
             transformer.move_to_device_except_swap_blocks(accelerator.device)
             transformer.switch_block_swap_for_training()
         run.transformer = transformer

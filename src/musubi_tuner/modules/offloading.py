@@ -400,15 +400,28 @@ class BlockSwapMixin:
         return counts
 
     def enable_block_swap(self, num_blocks: int, config: BlockSwapConfig) -> None:
-        """Enable block swap of ``num_blocks`` blocks (``--blocks_to_swap``), split over the block lists."""
+        """Enable block swap of ``num_blocks`` blocks (``--blocks_to_swap``), split over the block lists.
+
+        More blocks than the model can swap (each list keeps at least 2 blocks resident in training, 1 in inference, and
+        the model's split may keep more) are clamped to the maximum with a warning naming it; ``blocks_to_swap`` is then
+        the number actually swapped (0 turns block swap off).
+        """
         self.disable_block_swap()
         if num_blocks < 0:
             raise UserError(f"--blocks_to_swap must be >= 0, got {num_blocks}")
         lists = self._block_lists()
-        counts = self._split_blocks_to_swap(num_blocks, training=config.supports_backward)
+        training = config.supports_backward
+        counts = self._clamped_split(num_blocks, training)
         if len(counts) != len(lists):
             raise ValueError(f"_split_blocks_to_swap returned {len(counts)} counts for {len(lists)} block lists")
-        self.blocks_to_swap = num_blocks
+        if sum(counts) < num_blocks:
+            maximum = sum(self._clamped_split(sum(len(b) for b in lists), training))
+            logger.warning(
+                f"--blocks_to_swap {num_blocks}: this model can swap at most {maximum} blocks when "
+                f"{'training' if training else 'generating'} (block lists of {[len(b) for b in lists]}); "
+                + (f"swapping {sum(counts)}" if sum(counts) else "block swap is off")
+            )
+        self.blocks_to_swap = sum(counts)
         self.block_swap_config = config
         self.offloaders = []
         for idx, (blocks, count) in enumerate(zip(lists, counts)):
@@ -419,6 +432,14 @@ class BlockSwapMixin:
             if not config.allow_linear_compile:
                 _disable_dynamo_on_linears(blocks)
         logger.info("block swap: %s of the blocks %s swapped", counts, [len(b) for b in lists])
+
+    def _clamped_split(self, num_blocks: int, training: bool) -> list[int]:
+        """``_split_blocks_to_swap`` with each count capped at what ``ModelOffloader`` accepts for its list."""
+        counts = self._split_blocks_to_swap(num_blocks, training=training)
+        keep = 2 if training else 1
+        return [max(0, min(c, len(b) - keep)) for c, b in zip(counts, self._block_lists())] + list(
+            counts[len(self._block_lists()) :]
+        )
 
     def disable_block_swap(self) -> None:
         """Turn block swap off (hooks removed); call ``to(device)`` afterwards to put every block back."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musubi_tuner.networks import lora
+from musubi_tuner.utils.errors import UserError
 
 LOHA_NETWORK_ARGS = ("rank_dropout", "module_dropout", "exclude_patterns", "include_patterns", "exclude_mod", "verbose")
 
@@ -202,3 +203,14 @@ def create_arch_network_from_weights(
         module_name="networks.loha",
         **kwargs,
     )
+
+
+def check_save_format(lora_format: str, network_args: dict[str, Any] | None = None) -> None:
+    """Trainer start-up check of ``--lora_format``: a LoHa has no ``lora_A``/``lora_B`` factors, and no runtime loads
+    LoHa tensors under diffusers' ``transformer.`` names (diffusers' ``load_lora_adapter`` fails on them), so
+    ``diffusers`` is refused; ``kohya`` and ``comfyui`` (ComfyUI loads LyCORIS LoHa) are fine."""
+    if lora_format == "diffusers":
+        raise UserError(
+            "--network_module networks.loha with --lora_format diffusers: diffusers/PEFT cannot load LoHa weights, so "
+            "that file would be unusable; save with --lora_format kohya (or comfyui)"
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,52 @@ def _steps_spec(value: str) -> str:
     return value
 
 
+def _bounded(kind: type, *, low: float, inclusive: bool = True, high: float | None = None) -> Any:
+    """An argparse ``type`` converting to ``kind`` and refusing values outside the bound at parse time.
+
+    The message is what argparse prints after ``argument --flag:``; a ``--config_file`` value goes through the same
+    converter (``_convert``), so both name the option.
+    """
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+        ok = (value >= low if inclusive else value > low) and (high is None or value <= high)
+        if not ok:
+            bound = f"{'>=' if inclusive else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound} (got {text})")
+        return value
+
+    convert.__name__ = f"{kind.__name__}_bounded"
+    return convert
+
+
+POSITIVE_INT = _bounded(int, low=1)
+NON_NEGATIVE_INT = _bounded(int, low=0)
+POSITIVE_FLOAT = _bounded(float, low=0, inclusive=False)
+NON_NEGATIVE_FLOAT = _bounded(float, low=0)
+FRACTION = _bounded(float, low=0, high=1)
+TIMESTEP = _bounded(float, low=0, high=1000)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose errors are one line (the trainer's usage text is hundreds of options long)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def setup_parser_common() -> argparse.ArgumentParser:
-    """The options every architecture's network-training script shares (specs/training.md §4)."""
-    p = argparse.ArgumentParser(description="Train a LoRA/LoHa network on cached latents and text-encoder outputs")
+    """The options every architecture's network-training script shares (specs/training.md §4).
+
+    Numeric options are range-checked while parsing (``--network_dim 0``, a negative ``--learning_rate``...): one line
+    naming the option, exit status 2.
+    """
+    p = _Parser(description="Train a LoRA/LoHa network on cached latents and text-encoder outputs")
 
     g = p.add_argument_group("general")
     g.add_argument("--config_file", type=str, default=None, help="TOML file of options (.toml appended if missing); CLI wins")
@@ -86,7 +130,7 @@ def setup_parser_common() -> argparse.ArgumentParser:
     )
     g.add_argument("--compile_dynamic", type=str, default=None, choices=["true", "false", "auto"], help="dynamic shapes")
     g.add_argument("--compile_fullgraph", action="store_true", help="torch.compile fullgraph=True")
-    g.add_argument("--compile_cache_size_limit", type=int, default=None, help="torch._dynamo cache_size_limit")
+    g.add_argument("--compile_cache_size_limit", type=POSITIVE_INT, default=None, help="torch._dynamo cache_size_limit")
     g.add_argument("--cuda_allow_tf32", action="store_true", help="allow TF32 matmuls and convolutions")
     g.add_argument("--cuda_cudnn_benchmark", action="store_true", help="cudnn.benchmark = True")
     g.add_argument("--dynamo_backend", type=str, default="NO", help="accelerate dynamo backend (NO = off)")
@@ -95,14 +139,16 @@ def setup_parser_common() -> argparse.ArgumentParser:
     g.add_argument("--dynamo_dynamic", action="store_true", help="accelerate dynamo dynamic shapes")
 
     g = p.add_argument_group("training")
-    g.add_argument("--max_train_steps", type=int, default=1600, help="total optimizer steps (a total, also on resume)")
-    g.add_argument("--max_train_epochs", type=int, default=None, help="total epochs (overrides --max_train_steps)")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="DataLoader workers (capped at the CPU count)")
+    g.add_argument("--max_train_steps", type=POSITIVE_INT, default=1600, help="total optimizer steps (a total, also on resume)")
+    g.add_argument("--max_train_epochs", type=POSITIVE_INT, default=None, help="total epochs (overrides --max_train_steps)")
+    g.add_argument(
+        "--max_data_loader_n_workers", type=NON_NEGATIVE_INT, default=8, help="DataLoader workers (capped at the CPU count)"
+    )
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep DataLoader workers between epochs")
     g.add_argument("--seed", type=_int_or_str_seed, default=None, help="random seed (integer or string; random if absent)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--gradient_checkpointing_cpu_offload", action="store_true", help="keep checkpointed activations in host memory")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+    g.add_argument("--gradient_accumulation_steps", type=POSITIVE_INT, default=1, help="batches per optimizer step")
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision")
     g.add_argument(
         "--fp16_accumulation",
@@ -134,52 +180,52 @@ def setup_parser_common() -> argparse.ArgumentParser:
     g.add_argument("--log_config", action="store_true", help="log the (sanitised) arguments to the trackers")
 
     g = p.add_argument_group("DDP")
-    g.add_argument("--ddp_timeout", type=int, default=None, help="process-group timeout in minutes")
+    g.add_argument("--ddp_timeout", type=POSITIVE_INT, default=None, help="process-group timeout in minutes")
     g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
     g.add_argument("--ddp_static_graph", action="store_true", help="DDP static_graph")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--sample_every_n_steps", type=int, default=None, help="sample every N steps")
-    g.add_argument("--sample_every_n_epochs", type=int, default=None, help="sample every N epochs")
+    g.add_argument("--sample_every_n_steps", type=POSITIVE_INT, default=None, help="sample every N steps")
+    g.add_argument("--sample_every_n_epochs", type=POSITIVE_INT, default=None, help="sample every N epochs")
     g.add_argument("--sample_at_first", action="store_true", help="sample before the first step")
     g.add_argument("--sample_prompts", type=str, default=None, help="prompt file (.txt, .toml or .json)")
 
     g = p.add_argument_group("validation")
-    g.add_argument("--validate_every_n_steps", type=int, default=None, help="validation loss every N steps")
-    g.add_argument("--validate_every_n_epochs", type=int, default=None, help="validation loss every N epochs")
+    g.add_argument("--validate_every_n_steps", type=POSITIVE_INT, default=None, help="validation loss every N steps")
+    g.add_argument("--validate_every_n_epochs", type=POSITIVE_INT, default=None, help="validation loss every N epochs")
     g.add_argument(
         "--validation_quantiles",
-        type=float,
+        type=FRACTION,
         nargs="+",
         default=[0.1, 0.3, 0.5, 0.7, 0.9],
         help="quantiles of the training timestep distribution at which validation loss is measured",
     )
-    g.add_argument("--validation_seed", type=int, default=42, help="seed of the fixed validation noise")
+    g.add_argument("--validation_seed", type=NON_NEGATIVE_INT, default=42, help="seed of the fixed validation noise")
 
     g = p.add_argument_group("optimizer / learning rate")
     g.add_argument(
         "--optimizer_type", type=str, default="AdamW", help="AdamW (default), AdamW8bit, Adafactor, torch name, module.Class"
     )
     g.add_argument("--optimizer_args", type=str, nargs="*", default=None, help="key=value (values are Python literals)")
-    g.add_argument("--learning_rate", type=float, default=2e-6, help="learning rate")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
+    g.add_argument("--learning_rate", type=POSITIVE_FLOAT, default=2e-6, help="learning rate")
+    g.add_argument("--max_grad_norm", type=NON_NEGATIVE_FLOAT, default=1.0, help="gradient clipping norm (0 = off)")
     g.add_argument("--lr_scheduler", type=str, default="constant", help="transformers scheduler name, piecewise_constant, rex")
     g.add_argument("--lr_warmup_steps", type=_steps_spec, default="0", help="int steps, float < 1 fraction, or N%%")
     g.add_argument("--lr_decay_steps", type=_steps_spec, default="0", help="decay steps of warmup_stable_decay (same forms)")
-    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
-    g.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power of polynomial")
-    g.add_argument("--lr_scheduler_timescale", type=int, default=None, help="timescale of inverse_sqrt")
-    g.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None, help="floor ratio (cosine_with_min_lr, rex...)")
+    g.add_argument("--lr_scheduler_num_cycles", type=POSITIVE_INT, default=1, help="cycles of cosine_with_restarts")
+    g.add_argument("--lr_scheduler_power", type=POSITIVE_FLOAT, default=1.0, help="power of polynomial")
+    g.add_argument("--lr_scheduler_timescale", type=POSITIVE_INT, default=None, help="timescale of inverse_sqrt")
+    g.add_argument("--lr_scheduler_min_lr_ratio", type=FRACTION, default=None, help="floor ratio (cosine_with_min_lr, rex...)")
     g.add_argument("--lr_scheduler_type", type=str, default="", help="torch.optim.lr_scheduler.X or module.Class")
     g.add_argument("--lr_scheduler_args", type=str, nargs="*", default=None, help="key=value for --lr_scheduler_type")
 
     g = p.add_argument_group("memory")
     g.add_argument("--fp8_base", action="store_true", help="DiT weights in fp8")
     g.add_argument("--fp8_scaled", action="store_true", help="scaled fp8 quantisation while loading (needs --fp8_base)")
-    g.add_argument("--blocks_to_swap", type=int, default=None, help="blocks kept in host memory and swapped in")
+    g.add_argument("--blocks_to_swap", type=NON_NEGATIVE_INT, default=None, help="blocks kept in host memory and swapped in")
     g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host memory for block swap")
     g.add_argument("--block_swap_h2d_only", action="store_true", help="H2D-only ring buffer (not implemented yet)")
-    g.add_argument("--block_swap_ring_size", type=int, default=2, help="ring size of the H2D-only swap")
+    g.add_argument("--block_swap_ring_size", type=POSITIVE_INT, default=2, help="ring size of the H2D-only swap")
     g.add_argument(
         "--disable_numpy_memmap",
         action="store_true",
@@ -187,11 +233,13 @@ def setup_parser_common() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("noise (blissful-tuner extras)")
-    g.add_argument("--noise_offset", type=float, default=None, help="add offset·N(0,1) per (batch, channel) to the noise")
+    g.add_argument(
+        "--noise_offset", type=NON_NEGATIVE_FLOAT, default=None, help="add offset·N(0,1) per (batch, channel) to the noise"
+    )
     g.add_argument("--noise_offset_random_strength", action="store_true", help="offset drawn uniformly in [0, --noise_offset)")
     g.add_argument("--adaptive_noise_scale", type=float, default=None, help="offset += A·|mean(latent)| (needs --noise_offset)")
-    g.add_argument("--multires_noise_iterations", type=int, default=None, help="pyramid noise iterations (6-10 typical)")
-    g.add_argument("--multires_noise_discount", type=float, default=0.3, help="weight decay per pyramid level")
+    g.add_argument("--multires_noise_iterations", type=POSITIVE_INT, default=None, help="pyramid noise iterations (6-10 typical)")
+    g.add_argument("--multires_noise_discount", type=FRACTION, default=0.3, help="weight decay per pyramid level")
 
     g = p.add_argument_group("timesteps")
     g.add_argument("--guidance_scale", type=float, default=1.0, help="embedded guidance during training")
@@ -202,36 +250,38 @@ def setup_parser_common() -> argparse.ArgumentParser:
         choices=TIMESTEP_METHODS,
         help="timestep distribution; 'sigma' ignores --discrete_flow_shift (musubi-tuner compatibility), 'shift' uses it",
     )
-    g.add_argument("--discrete_flow_shift", type=float, default=1.0, help="shift of --timestep_sampling shift")
+    g.add_argument("--discrete_flow_shift", type=POSITIVE_FLOAT, default=1.0, help="shift of --timestep_sampling shift")
     g.add_argument(
         "--image_flow_shift",
-        type=float,
+        type=POSITIVE_FLOAT,
         default=None,
         help="shift for single-frame batches of a video model (image datasets mixed into video training); "
         "default --discrete_flow_shift (blissful-tuner)",
     )
-    g.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of sigmoid/shift sampling")
+    g.add_argument("--sigmoid_scale", type=POSITIVE_FLOAT, default=1.0, help="scale of sigmoid/shift sampling")
     g.add_argument("--weighting_scheme", type=str, default="none", choices=WEIGHTING_SCHEMES, help="loss weighting / sigma density")
     g.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal / logsnr mean")
-    g.add_argument("--logit_std", type=float, default=1.0, help="logit_normal / logsnr std")
+    g.add_argument("--logit_std", type=POSITIVE_FLOAT, default=1.0, help="logit_normal / logsnr std")
     g.add_argument("--mode_scale", type=float, default=1.29, help="scale of the 'mode' weighting")
-    g.add_argument("--min_timestep", type=float, default=None, help="lowest timestep (0..1000)")
-    g.add_argument("--max_timestep", type=float, default=None, help="highest timestep (0..1000)")
+    g.add_argument("--min_timestep", type=TIMESTEP, default=None, help="lowest timestep (0..1000)")
+    g.add_argument("--max_timestep", type=TIMESTEP, default=None, help="highest timestep (0..1000)")
     g.add_argument("--preserve_distribution_shape", action="store_true", help="range limits by rejection, not rescaling")
-    g.add_argument("--num_timestep_buckets", type=int, default=None, help="stratified timestep pool with K buckets per epoch")
+    g.add_argument(
+        "--num_timestep_buckets", type=POSITIVE_INT, default=None, help="stratified timestep pool with K buckets per epoch"
+    )
     g.add_argument("--show_timesteps", type=str, default=None, choices=["image", "console"], help="show the distribution, exit")
 
     g = p.add_argument_group("network")
     g.add_argument("--no_metadata", action="store_true", help="save only the minimal metadata")
     g.add_argument("--network_weights", type=str, default=None, help="initial network weights")
     g.add_argument("--network_module", type=str, default=None, help="network module (networks.lora, networks.loha, ...)")
-    g.add_argument("--network_dim", type=int, default=None, help="rank")
-    g.add_argument("--network_alpha", type=float, default=1, help="alpha (scale = alpha / dim)")
-    g.add_argument("--network_dropout", type=float, default=None, help="neuron dropout")
+    g.add_argument("--network_dim", type=POSITIVE_INT, default=None, help="rank")
+    g.add_argument("--network_alpha", type=NON_NEGATIVE_FLOAT, default=1, help="alpha (scale = alpha / dim)")
+    g.add_argument("--network_dropout", type=FRACTION, default=None, help="neuron dropout")
     g.add_argument("--network_args", type=str, nargs="*", default=None, help="key=value network options")
     g.add_argument("--training_comment", type=str, default=None, help="ss_training_comment metadata")
     g.add_argument("--dim_from_weights", action="store_true", help="rank/alpha from --network_weights")
-    g.add_argument("--scale_weight_norms", type=float, default=None, help="max-norm regularisation")
+    g.add_argument("--scale_weight_norms", type=POSITIVE_FLOAT, default=None, help="max-norm regularisation")
     g.add_argument("--base_weights", type=str, nargs="*", default=None, help="LoRAs merged into the DiT before training")
     g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None, help="multipliers of --base_weights")
 
@@ -239,12 +289,12 @@ def setup_parser_common() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", type=str, default=None, help="output directory")
     g.add_argument("--output_name", type=str, default=None, help="base name of saved files")
     g.add_argument("--resume", type=str, default=None, help="state directory to resume from")
-    g.add_argument("--save_every_n_epochs", type=int, default=None, help="save every N epochs")
-    g.add_argument("--save_every_n_steps", type=int, default=None, help="save every N steps")
-    g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep the last N epoch LoRAs")
-    g.add_argument("--save_last_n_epochs_state", type=int, default=None, help="keep the last N epoch states")
-    g.add_argument("--save_last_n_steps", type=int, default=None, help="keep step LoRAs of the last N steps")
-    g.add_argument("--save_last_n_steps_state", type=int, default=None, help="keep step states of the last N steps")
+    g.add_argument("--save_every_n_epochs", type=POSITIVE_INT, default=None, help="save every N epochs")
+    g.add_argument("--save_every_n_steps", type=POSITIVE_INT, default=None, help="save every N steps")
+    g.add_argument("--save_last_n_epochs", type=POSITIVE_INT, default=None, help="keep the last N epoch LoRAs")
+    g.add_argument("--save_last_n_epochs_state", type=POSITIVE_INT, default=None, help="keep the last N epoch states")
+    g.add_argument("--save_last_n_steps", type=POSITIVE_INT, default=None, help="keep step LoRAs of the last N steps")
+    g.add_argument("--save_last_n_steps_state", type=POSITIVE_INT, default=None, help="keep step states of the last N steps")
     g.add_argument("--save_state", action="store_true", help="save a resumable state with every LoRA")
     g.add_argument("--save_state_on_train_end", action="store_true", help="save a state at the end of training")
     g.add_argument(
@@ -407,3 +457,56 @@ def check_unsupported_hf(args: argparse.Namespace) -> None:
     if used:
         flags = ", ".join("--" + n for n in used)
         raise UserError(f"{flags}: Hugging Face upload/download is not supported (offline product); save and resume locally")
+
+
+# (option, the options of which one must be given for it to have an effect)
+DEPENDENT_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("gradient_checkpointing_cpu_offload", ("gradient_checkpointing",)),
+    ("use_pinned_memory_for_block_swap", ("blocks_to_swap",)),
+    ("block_swap_ring_size", ("block_swap_h2d_only",)),
+    ("compile_backend", ("compile",)),
+    ("compile_mode", ("compile",)),
+    ("compile_dynamic", ("compile",)),
+    ("compile_fullgraph", ("compile",)),
+    ("compile_cache_size_limit", ("compile",)),
+    ("sample_at_first", ("sample_prompts",)),
+    ("sample_every_n_steps", ("sample_prompts",)),
+    ("sample_every_n_epochs", ("sample_prompts",)),
+    ("validation_quantiles", ("validate_every_n_steps", "validate_every_n_epochs")),
+    ("validation_seed", ("validate_every_n_steps", "validate_every_n_epochs")),
+    ("save_last_n_epochs", ("save_every_n_epochs",)),
+    ("save_last_n_steps", ("save_every_n_steps",)),
+    ("save_last_n_epochs_state", ("save_state",)),
+    ("save_last_n_steps_state", ("save_state",)),
+    ("lr_scheduler_args", ("lr_scheduler_type",)),
+    ("preserve_distribution_shape", ("min_timestep", "max_timestep")),
+    ("multires_noise_discount", ("multires_noise_iterations",)),
+    ("log_prefix", ("logging_dir",)),
+    ("log_tracker_name", ("logging_dir", "log_with")),
+    ("log_tracker_config", ("logging_dir", "log_with")),
+    ("log_config", ("logging_dir", "log_with")),
+    ("wandb_run_name", ("log_with",)),
+    ("wandb_api_key", ("log_with",)),
+)
+
+
+def _given(args: argparse.Namespace, defaults: dict[str, Any], dest: str) -> bool:
+    value = getattr(args, dest, defaults.get(dest))
+    return value not in (None, False) and value != defaults.get(dest)
+
+
+def check_dependent_options(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> None:
+    """Refuse an option that has no effect because the option it belongs to is absent (no flag is silently ignored).
+
+    ``parser`` supplies the defaults (the common trainer parser when None): an option counts as given when its value
+    differs from its default.
+    """
+    defaults = vars((parser or setup_parser_common()).parse_args([]))
+    for dest, parents in DEPENDENT_OPTIONS:
+        if _given(args, defaults, dest) and not any(_given(args, defaults, p) for p in parents):
+            needs = " or ".join("--" + p for p in parents)
+            raise UserError(f"--{dest} has no effect without {needs}; add {needs} or drop --{dest}")
+    if args.sample_prompts and not (args.sample_at_first or args.sample_every_n_steps or args.sample_every_n_epochs):
+        raise UserError(
+            "--sample_prompts has no effect without --sample_at_first, --sample_every_n_steps or --sample_every_n_epochs"
+        )

@@ -10,6 +10,9 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from musubi_tuner.training.args import parse_kv_args
 from musubi_tuner.utils.errors import UserError
+from musubi_tuner.utils.log import get_logger
+
+logger = get_logger(__name__)
 
 
 def parse_step_count(value: str | int | float | None, total_steps: int, option: str) -> int:
@@ -49,7 +52,8 @@ class RexLR(LambdaLR):
         return m + (1 - m) * z / (0.1 + 0.9 * z)
 
 
-def _import(dotted: str) -> type:
+def resolve_scheduler_class(dotted: str) -> type:
+    """The class of ``--lr_scheduler_type`` (a ``torch.optim.lr_scheduler`` name or a dotted ``module.Class``)."""
     if "." not in dotted:
         cls = getattr(torch.optim.lr_scheduler, dotted, None)
         if cls is None:
@@ -72,9 +76,14 @@ def get_lr_scheduler(args: Any, optimizer: torch.optim.Optimizer, num_processes:
     total = args.max_train_steps * num_processes
     warmup = parse_step_count(args.lr_warmup_steps, args.max_train_steps, "--lr_warmup_steps") * num_processes
     decay = parse_step_count(args.lr_decay_steps, args.max_train_steps, "--lr_decay_steps") * num_processes
+    if warmup > total:
+        logger.warning(
+            f"--lr_warmup_steps {args.lr_warmup_steps} is {warmup // num_processes} steps, more than the "
+            f"{args.max_train_steps} training steps: the learning rate never reaches --learning_rate"
+        )
     name = args.lr_scheduler
     if args.lr_scheduler_type:
-        cls = _import(args.lr_scheduler_type)
+        cls = resolve_scheduler_class(args.lr_scheduler_type)
         kwargs = parse_kv_args(args.lr_scheduler_args, "--lr_scheduler_args")
         try:
             return cls(optimizer, **kwargs)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.utils.atomic import atomic_write_text, save_safetensors_atomic
+from musubi_tuner.utils.atomic import atomic_write_text, is_out_of_space, out_of_space_message, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
 
@@ -78,7 +78,11 @@ def _network_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_state(accelerator: Any, final_dir: Path, network: torch.nn.Module, state: TrainState) -> None:
-    """Write a complete state directory atomically (temp dir + rename). Every process must call it."""
+    """Write a complete state directory atomically (temp dir + rename). Every process must call it.
+
+    A failed write (disk full...) removes the temp directory and raises one ``UserError`` naming the state; the
+    previous state of that name is left untouched.
+    """
     final_dir = Path(final_dir)
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if accelerator.is_main_process:
@@ -86,13 +90,21 @@ def save_state(accelerator: Any, final_dir: Path, network: torch.nn.Module, stat
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        save_safetensors_atomic(_network_state(network), tmp / NETWORK_FILE)
-        if os.environ.get(KILL_HOOK_ENV) == str(state.current_step):
-            logger.warning(f"{KILL_HOOK_ENV}: killing this process while saving {final_dir}")
-            os.kill(os.getpid(), signal.SIGKILL)
-        atomic_write_text(tmp / TRAIN_STATE_FILE, state.to_json())
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            save_safetensors_atomic(_network_state(network), tmp / NETWORK_FILE)
+            if os.environ.get(KILL_HOOK_ENV) == str(state.current_step):
+                logger.warning(f"{KILL_HOOK_ENV}: killing this process while saving {final_dir}")
+                os.kill(os.getpid(), signal.SIGKILL)
+            atomic_write_text(tmp / TRAIN_STATE_FILE, state.to_json())
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, UserError):
+            raise
+        if is_out_of_space(e):
+            raise UserError(f"saving the state {final_dir}: {out_of_space_message(e)}; nothing was written") from None
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         old = final_dir.with_name(final_dir.name + ".old")
@@ -148,16 +160,29 @@ def read_train_state(state_dir: Path) -> TrainState | None:
         if path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise UserError(f"{path}: not valid JSON ({e})") from None
+            except OSError as e:
+                raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+            if not isinstance(data, dict):
+                raise UserError(f"{path}: expected a JSON object")
             if "current_step" not in data:
                 data["current_step"] = data.get("global_step", 0)
             return TrainState.from_dict(data)
     return None
 
 
+INCOMPLETE_SUFFIXES = (".tmp", ".old")  # save_state's work names: an interrupted save, never a state to resume
+
+
 def resolve_state_dir(path: str) -> Path:
+    """The ``--resume`` directory; a missing directory or an interrupted save (``*-state.tmp``) is a ``UserError``."""
     state_dir = Path(path)
+    if state_dir.name.endswith(INCOMPLETE_SUFFIXES):
+        raise UserError(
+            f"--resume: {state_dir} is an incomplete save from an interrupted run (its name ends with "
+            f"{state_dir.suffix}); resume from a complete state directory"
+        )
     if not state_dir.is_dir():
         hint = ""
         tmp = state_dir.with_name(state_dir.name + ".tmp")
@@ -165,6 +190,41 @@ def resolve_state_dir(path: str) -> Path:
             hint = f" ({tmp} is an incomplete save from an interrupted run; resume from an earlier state)"
         raise UserError(f"--resume: state directory not found: {state_dir}{hint}")
     return state_dir
+
+
+def verify_state_dir(state_dir: Path, process_index: int = 0) -> None:
+    """Check every file of a state directory before anything is loaded from it (``UserError`` naming the file).
+
+    ``accelerator.load_state`` skips an unreadable RNG file with a log line and resumes with fresh random states, so
+    the run silently diverges; a truncated weights file would fail deep inside the loader. Here: the network weights
+    must parse (``safetensors`` header and sizes), the optimizer / scheduler / RNG files written by
+    ``accelerator.save_state`` must exist and pass their zip CRC check (``torch.save`` writes zip archives), and
+    ``train_state.json`` must be valid JSON.
+    """
+    import zipfile
+
+    from musubi_tuner.utils.safetensors_utils import open_weights
+
+    required = ("optimizer.bin", "scheduler.bin", f"random_states_{process_index}.pkl")
+    missing = [name for name in required if not (state_dir / name).is_file()]
+    if missing:
+        raise UserError(f"--resume {state_dir}: {', '.join(missing)} missing from the state (incomplete or not a state directory)")
+    for path in sorted(state_dir.iterdir()):
+        if not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            with open_weights(path) as reader:
+                for key in reader.keys():
+                    reader.get_tensor(key)  # reads every byte: a state's network is small
+        elif path.suffix in (".bin", ".pkl", ".pt"):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise UserError(f"--resume: {path} is unreadable ({e}); the state is damaged, resume from another one") from None
+            if bad is not None:
+                raise UserError(f"--resume: {path} is damaged (member {bad} fails its CRC check); resume from another state")
+    read_train_state(state_dir)
 
 
 def infer_train_state(

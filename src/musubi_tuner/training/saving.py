@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from musubi_tuner.networks.convert import NAME_TABLES, convert_file_tensors, name_table
-from musubi_tuner.utils.atomic import atomic_path, save_safetensors_atomic
+from musubi_tuner.utils.atomic import atomic_path, make_temp_dir, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
 
@@ -86,6 +87,13 @@ def check_network_lora_format(network: Any, lora_format: str, arch: str) -> None
     """
     if lora_format == "kohya":
         return
+    if lora_format == "diffusers":
+        lycoris = sorted({k.split(".", 1)[0] for k in network.state_dict() if ".hada_" in k or ".lokr_" in k})
+        if lycoris:
+            raise UserError(
+                f"--lora_format diffusers: module(s) {lycoris[:3]} are LoHa/LoKr, which diffusers/PEFT cannot load; "
+                "save with --lora_format kohya (or comfyui)"
+            )
     table = name_table(arch)
     names = sorted({k.split(".", 1)[0] for k in network.state_dict()})
     unknown = [n for n in names if (p := table.to_dotted(n)) is None or not table.is_module(p)]
@@ -124,8 +132,10 @@ def save_network_atomic(
 ) -> None:
     """Save the LoRA file atomically in ``lora_format`` (``--lora_format``; ``arch`` names the name table).
 
-    ``kohya``: ``network.save_weights`` into a temporary ``.safetensors`` next to ``path``, then rename over it (the
-    temporary name keeps the suffix because network modules pick the format from it). ``comfyui`` / ``diffusers``:
+    ``kohya``: our networks' ``save_weights`` is atomic itself (hidden ``.tmp`` file + rename); a foreign network module
+    (which may pick the format from the suffix) writes ``<name>.safetensors`` inside a hidden temporary directory next
+    to ``path`` (``.<name>.<random>.tmp/``), renamed over ``path`` when complete — so no partial file ever ends in
+    ``.safetensors`` where a glob or ``--network_weights`` would find it. ``comfyui`` / ``diffusers``:
     the same file as ``convert_lora.py --target other --diffusers_prefix diffusion_model`` / ``transformer`` would
     write from the kohya file (``<prefix>.<path>.lora_A/B.weight``, alpha folded, no ``sshs_*`` hashes).
     """
@@ -134,8 +144,19 @@ def save_network_atomic(
             raise ValueError(f"lora_format={lora_format!r} needs the architecture")
         _save_converted(network, path, dtype, metadata, lora_format, arch)
         return
-    with atomic_path(path, suffix=".tmp.safetensors") as tmp:
-        network.save_weights(str(tmp), dtype, metadata)
+    if hasattr(network, "state_dict_for_save"):
+        network.save_weights(str(path), dtype, metadata)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = make_temp_dir(path.parent, f".{path.name}.")
+    try:
+        tmp_dir = tmp_dir.rename(tmp_dir.with_name(tmp_dir.name + ".tmp"))
+        with atomic_path(path) as tmp:
+            network.save_weights(str(tmp_dir / path.name), dtype, metadata)
+            os.replace(tmp_dir / path.name, tmp)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:

@@ -1,16 +1,44 @@
 """Atomic file writes: write to a temporary file in the destination directory, fsync, then rename over the target.
 
-A process killed mid-write leaves the previous file (or nothing) in place, never a truncated one.
+A process killed mid-write leaves the previous file (or nothing) in place, never a truncated one. Temporary names are
+hidden and end in ``.tmp`` (``.<name>.<random>.tmp``), so no glob or loader looking for ``*.safetensors`` picks one
+up. A full disk (or quota, or file-size limit) while writing is a ``UserError`` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+_OUT_OF_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# libraries that do their own I/O (safetensors' Rust writer, torch.save's zip writer) raise their own exception types
+_OUT_OF_SPACE_TEXT = ("no space left", "storagefull", "disk quota", "file too large", "filetoolarge", "file write failed")
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) says the disk, the quota or the file-size limit is full."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE_ERRNOS:
+            return True
+        text = str(exc).lower().replace(" ", "")
+        if any(t.replace(" ", "") in text for t in _OUT_OF_SPACE_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False
+
+
+def out_of_space_message(exc: BaseException) -> str:
+    """A short reason for an ``is_out_of_space`` error."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return "no space left on the device (or the file-size limit was reached)"
 
 
 def _create_temp_file(directory: Path, prefix: str, suffix: str) -> Path:
@@ -48,6 +76,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
 
     ``suffix`` ends the temporary name (writers that choose the format from the extension need the real one).
     """
+    from musubi_tuner.utils.errors import UserError
+
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp_file(dest.parent, f".{dest.name}.", suffix)
@@ -57,9 +87,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
             os.fsync(f.fileno())
         tmp.chmod(0o666 & ~_umask())  # writers that recreate the file (safetensors) leave it 0o600
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(e, Exception) and not isinstance(e, UserError) and is_out_of_space(e):
+            raise UserError(f"writing {dest}: {out_of_space_message(e)}; nothing was written") from None
         raise
 
 
