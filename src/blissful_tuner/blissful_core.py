@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from blissful_tuner.blissful_logger import get_logger
-from blissful_tuner.media_output import CODECS, CONTAINERS, OUTPUT_TYPES, resolve_container
+from blissful_tuner.media_output import CODECS, CONTAINERS, OUTPUT_TYPES, check_output_location, resolve_container
 from musubi_tuner.utils.errors import UserError
 
 logger = get_logger(__name__)
@@ -172,6 +172,8 @@ def parse_blissful_args(args: argparse.Namespace, *, num_steps: int | None = Non
     if nabla_p is not None and not 0 < nabla_p <= 1:
         raise UserError(f"--nabla_p must be in (0, 1] (got {nabla_p})")
 
+    if hasattr(args, "overwrite"):
+        check_output_location(getattr(args, "save_path", None), getattr(args, "output", None), overwrite=args.overwrite)
     if hasattr(args, "codec"):
         args.container = resolve_container(args.codec, getattr(args, "container", None))
     if getattr(args, "crf", None) is not None and getattr(args, "video_bitrate", None) is not None:

@@ -22,6 +22,7 @@ replaced unless ``overwrite``; ``_`` is appended to the stem until the name is f
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -262,6 +263,29 @@ def unique_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     while p.exists():
         p = p.with_name(f"{p.stem}_{p.suffix}")
     return p
+
+
+def check_output_location(save_path: str | os.PathLike | None, output: str | os.PathLike | None, *, overwrite: bool) -> None:
+    """Before any model loads: ``--save_path DIR`` / ``--output FILE``'s directory must be creatable and writable
+    (created now, probed with a hidden temporary file), and ``--output FILE`` must not exist unless ``--overwrite``.
+    ``UserError`` naming the flag and path otherwise."""
+    checks = []
+    if save_path:
+        checks.append(("--save_path", Path(save_path)))
+    if output:
+        out = Path(output)
+        if out.is_dir():
+            raise UserError(f"--output {out}: is a directory; give a file name (or use --save_path DIR)")
+        if out.exists() and not overwrite:
+            raise UserError(f"--output {out}: the file exists; pass --overwrite to replace it (or choose another name)")
+        checks.append(("--output", out.parent))
+    for flag, directory in checks:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe.", suffix=".tmp")
+            probe.close()
+        except OSError as e:
+            raise UserError(f"{flag}: cannot write to {directory} ({e.strerror or e}); choose a writable location") from None
 
 
 def check_output_type(output_type: str, allowed: Sequence[str] | None = None) -> str:

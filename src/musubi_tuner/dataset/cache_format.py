@@ -6,6 +6,7 @@ Names and keys stay compatible with musubi-tuner v0.3.4 caches.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -168,18 +169,24 @@ def te_metadata(arch_full: str, caption: str) -> dict[str, str]:
 def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     """Tensor entries (``{key: {"dtype", "shape", ...}}``) and metadata of a safetensors file, header only.
 
-    A missing or truncated file is a ``UserError`` naming it.
+    A missing or truncated file (header cut, or tensor data past the end of the file) is a ``UserError`` naming it.
     """
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) != 8:
                 raise ValueError("file shorter than the 8-byte header length")
             (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise ValueError(f"header length {n} is not plausible")
+            if n > 100_000_000 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit the file size {size}")
             header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        ends = [int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"]
+        if 8 + n + max(ends, default=0) > size:
+            raise ValueError(f"truncated: the tensors need {8 + n + max(ends)} bytes, the file has {size}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise UserError(f"{path}: unreadable cache file ({e}); delete it and re-run the caching script") from None
     metadata = header.pop("__metadata__", None) or {}
     return header, metadata

@@ -187,6 +187,18 @@ def _check_dataset(p: DatasetParams, arch: ArchInfo, src: ConfigSource, check_so
         raise UserError(f"{src.where(table, p.source_key)}: cache_directory is required with a JSONL source")
     if not p.cache_directory:
         p.cache_directory = str(p.source_path)
+    for key in ("resolution", "control_resolution"):
+        p_value = getattr(p, key)
+        if p_value is None:
+            continue
+        step = arch.resolution_step
+        fixed = tuple(max(step, int(v) // step * step) for v in p_value)
+        if fixed != tuple(p_value):
+            logger.warning(
+                f"{src.where(table, key)}: {key} {list(p_value)} is not a multiple of {step} ({arch.full}'s step); "
+                f"using {list(fixed)}"
+            )
+            setattr(p, key, fixed)
     if p.is_video:
         rounded = []
         for t in p.target_frames:

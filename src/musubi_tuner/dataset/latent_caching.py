@@ -138,7 +138,8 @@ def _is_current(path: Path, arch: ArchInfo) -> bool:
         return False
     try:
         _, metadata = read_header(path)
-    except UserError:
+    except UserError as e:
+        logger.warning(f"{e} — encoding it again")
         return False
     return metadata_mismatch(metadata, arch.full) is None
 

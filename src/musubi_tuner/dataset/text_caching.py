@@ -34,6 +34,7 @@ from musubi_tuner.dataset.config import DatasetParams, resolve_datasets
 from musubi_tuner.dataset.latent_caching import delete_stale
 from musubi_tuner.dataset.sources import list_items
 from musubi_tuner.utils.atomic import save_safetensors_atomic
+from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
 
 logger = get_logger(__name__)
@@ -70,7 +71,11 @@ def add_text_cache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def _needs_encoding(path: Path, arch: ArchInfo, caption: str, extra: dict[str, str]) -> bool:
     if not path.is_file():
         return True
-    _, metadata = read_header(path)
+    try:
+        _, metadata = read_header(path)
+    except UserError as e:
+        logger.warning(f"{e} — encoding it again")
+        return True
     if metadata_mismatch(metadata, arch.full) or metadata.get("caption1") != caption:
         return True
     return any(metadata.get(k) != v for k, v in extra.items())
@@ -81,8 +86,13 @@ def write_te_cache(path: Path, named: dict[str, torch.Tensor], arch: ArchInfo, c
     # clone: encoders often return views of one batch tensor, which safetensors refuses to save as shared memory
     tensors = {cache_key(name, t): t.detach().to("cpu").clone() for name, t in named.items()}
     metadata = {**te_metadata(arch.full, caption), **extra}
+    old_md = None
     if path.is_file():
-        _, old_md = read_header(path)
+        try:
+            _, old_md = read_header(path)
+        except UserError:
+            old_md = None  # unreadable (truncated): replaced, nothing of it is kept
+    if old_md is not None:
         problem = metadata_mismatch(old_md, arch.full) or next(
             (f"{k} expected {v!r}, found {old_md.get(k)!r}" for k, v in extra.items() if old_md.get(k) != v), None
         )

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from musubi_tuner.utils.errors import UserError
+from musubi_tuner.utils.hf_sources import resolve_model_source
 from musubi_tuner.utils.log import get_logger
 
 logger = get_logger(__name__)
@@ -72,7 +70,6 @@ IMAGE_QWEN_MAX_LENGTH = 512
 CLIP_MAX_LENGTH = 77
 # The real Qwen2.5 vocabulary starts its special tokens at this id; smaller vocabularies are demo tokenizers.
 _QWEN_REAL_VOCAB_MIN = 151643
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def template_text(mode: str) -> str:
@@ -111,43 +108,6 @@ def template_mode_for(is_video: bool, *, image_edit: bool = False) -> str:
 def qwen_max_length_for(mode: str) -> int:
     """Default Qwen token budget after the template: 256 for video templates, 512 for image templates."""
     return VIDEO_QWEN_MAX_LENGTH if mode in ("video", "image2video") else IMAGE_QWEN_MAX_LENGTH
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where to load a transformers model and its tokenizer from."""
-
-    model: str
-    tokenizer: str
-    local_files_only: bool
-
-
-def resolve_model_source(name_or_path: str | os.PathLike, *, subfolder: str, tokenizer_subfolder: str, flag: str) -> ModelSource:
-    """A hub id, a local HF snapshot directory, or a diffusers pipeline directory (``subfolder`` / ``tokenizer_subfolder``).
-
-    Local directories are always loaded with ``local_files_only=True`` (never any network access).
-    """
-    text = str(name_or_path)
-    path = Path(text).expanduser()
-    if not path.exists():
-        if not _HUB_ID.fullmatch(text):
-            raise UserError(f"{text}: text encoder directory not found ({flag})")
-        return ModelSource(text, text, local_files_only=False)
-    if path.is_file():
-        raise UserError(
-            f"{path}: {flag} needs a Hugging Face model directory (config.json + weights + tokenizer), not a single file"
-        )
-    model_dir = path
-    if not (path / "config.json").is_file() and (path / subfolder / "config.json").is_file():
-        model_dir = path / subfolder
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{path}: no config.json (nor {subfolder}/config.json) in the text encoder directory ({flag})")
-    tok_dir = model_dir
-    for cand in (model_dir, path, path / tokenizer_subfolder):
-        if (cand / "tokenizer_config.json").is_file() or (cand / "tokenizer.json").is_file():
-            tok_dir = cand
-            break
-    return ModelSource(str(model_dir), str(tok_dir), local_files_only=True)
 
 
 def _nf4_config() -> Any:

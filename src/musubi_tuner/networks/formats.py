@@ -109,24 +109,42 @@ def parse_adapter_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<sta
 def _check_complete(m: AdapterModule, source: str) -> None:
     kind = m.kind
     t = m.tensors
+    pairs: list[tuple[str, str]] = []  # (left, right) factors multiplied as left @ right: inner sizes must agree
     if kind == LORA:
         downs = sorted(s for s in t if s.startswith("lora_down"))
         ups = sorted(s for s in t if s.startswith("lora_up"))
         if [s.replace("down", "") for s in downs] != [s.replace("up", "") for s in ups]:
             missing = "lora_up" if len(ups) < len(downs) else "lora_down"
             raise UserError(f"{source}: module {m.name!r} lacks its {missing} tensor(s) (has {sorted(t)})")
+        pairs = [(s.replace("down", "up"), s) for s in downs]
     elif kind == LOHA:
         need = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
         if not need <= set(t):
             raise UserError(f"{source}: LoHa module {m.name!r} lacks {sorted(need - set(t))}")
+        pairs = [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")]
     elif kind == PEFT:
         if not {"lora_A.weight", "lora_B.weight"} <= set(t):
             raise UserError(f"{source}: module {m.name!r} needs both lora_A.weight and lora_B.weight (has {sorted(t)})")
+        pairs = [("lora_B.weight", "lora_A.weight")]
     else:
         has_w1 = "lokr_w1" in t or {"lokr_w1_a", "lokr_w1_b"} <= set(t)
         has_w2 = "lokr_w2" in t or {"lokr_w2_a", "lokr_w2_b"} <= set(t)
         if not (has_w1 and has_w2):
             raise UserError(f"{source}: LoKr module {m.name!r} is incomplete (has {sorted(t)})")
+        pairs = [(f"lokr_w{i}_a", f"lokr_w{i}_b") for i in (1, 2) if f"lokr_w{i}_a" in t]
+    for left, right in pairs:
+        a, b = t[left], t[right]
+        if a.ndim < 2 or b.ndim < 2 or a.shape[1] != b.shape[0]:
+            raise UserError(
+                f"{source}: module {m.name!r}: {left} has shape {list(a.shape)} and {right} has shape {list(b.shape)}; "
+                f"their ranks ({a.shape[1] if a.ndim > 1 else '?'} vs {b.shape[0] if b.ndim else '?'}) differ "
+                "(damaged or hand-edited file)"
+            )
+    if kind == LOHA and (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]) != (t["hada_w2_a"].shape[0], t["hada_w2_b"].shape[1]):
+        raise UserError(
+            f"{source}: LoHa module {m.name!r}: hada_w1 gives {t['hada_w1_a'].shape[0]}x{t['hada_w1_b'].shape[1]} but "
+            f"hada_w2 gives {t['hada_w2_a'].shape[0]}x{t['hada_w2_b'].shape[1]}"
+        )
 
 
 def detect_network_types(sd: Mapping[str, torch.Tensor] | Iterable[str]) -> set[str]:

@@ -524,6 +524,13 @@ class LoRANetwork(nn.Module):
         """Load adapter weights (a path or a state dict); returns the ``load_state_dict`` result."""
         source = "<state dict>" if isinstance(file, Mapping) else str(file)
         sd = load_adapter_file(file)[0] if not isinstance(file, Mapping) else dict(file)
+        own = self.state_dict()
+        for key, tensor in sd.items():
+            if key in own and tuple(own[key].shape) != tuple(tensor.shape):
+                raise UserError(
+                    f"{source}: {key} has shape {list(tensor.shape)} but this network's is {list(own[key].shape)} "
+                    "(another rank? pass the file's --network_dim, or --dim_from_weights)"
+                )
         result = self.load_state_dict(sd, strict=False)
         if result.unexpected_keys:
             raise UserError(

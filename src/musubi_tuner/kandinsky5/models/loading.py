@@ -129,6 +129,30 @@ def check_checkpoint_fits(reader: WeightsReader, model: DiffusionTransformer3D, 
             )
 
 
+def check_params_fit_task(params: dict, task: TaskConfig, source: str | os.PathLike) -> None:
+    """The checkpoint's own config (diffusers ``config.json`` or ``k5_dit_config`` metadata) against the task.
+
+    The model is built from that config, so a checkpoint of another family would load cleanly and train on the wrong
+    inputs; refuse it here: the input layout (``visual_cond``: every video model and the I2I model take 33 channels,
+    T2I 16) and, for real-size checkpoints, the family's ``model_dim``.
+    """
+    file_cond = params.get("visual_cond")
+    if file_cond is not None and bool(file_cond) != task.visual_cond:
+        kind = "a video or image-edit model (33 input channels)" if file_cond else "a text-to-image model (16 input channels)"
+        raise UserError(
+            f"{source}: checkpoint does not fit task '{task.name}': its config says visual_cond={bool(file_cond)}, "
+            f"i.e. {kind}, but the task's {task.dims.name} model has visual_cond={task.visual_cond}; "
+            "pick the matching --task or --dit file"
+        )
+    dim = params.get("model_dim")
+    real_dims = {fam.model_dim for fam in FAMILIES.values()}
+    if dim in real_dims and dim != task.dims.model_dim:
+        raise UserError(
+            f"{source}: checkpoint does not fit task '{task.name}': model_dim {dim} is {_family_of(dim)}, the task needs "
+            f"{task.dims.name} (model_dim {task.dims.model_dim}); pick the matching --task or --dit file"
+        )
+
+
 def load_dit(
     task_config: TaskConfig,
     dit_path: str | os.PathLike,
@@ -171,6 +195,8 @@ def load_dit(
         if params is None:
             embedded = reader.metadata().get(DIT_CONFIG_METADATA_KEY)
             params = _params_from_json(embedded, f"{path} metadata {DIT_CONFIG_METADATA_KEY}") if embedded else None
+        if params is not None:
+            check_params_fit_task(params, task_config, path)
         if params is None:
             params = dit_params_for(task_config)
         if overrides:

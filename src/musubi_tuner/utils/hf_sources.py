@@ -1,0 +1,69 @@
+"""Where a transformers text encoder and its tokenizer are loaded from (shared by every architecture's encoders).
+
+A Hugging Face hub id, a local HF snapshot directory, or a diffusers pipeline directory (``text_encoder/`` +
+``tokenizer/``). Local directories are checked before anything is loaded: a missing ``config.json`` or a directory
+without tokenizer files is a ``UserError`` naming the directory (transformers would otherwise fail much later, e.g.
+with a reshape error, or silently build a tokenizer from the model's vocabulary size).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from musubi_tuner.utils.errors import UserError
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# files that hold a tokenizer's vocabulary (fast tokenizer.json, sentencepiece models, BPE vocab + merges, WordPiece)
+TOKENIZER_FILES: tuple[tuple[str, ...], ...] = (
+    ("tokenizer.json",),
+    ("tokenizer.model",),
+    ("spiece.model",),
+    ("vocab.json", "merges.txt"),
+    ("vocab.txt",),
+)
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    """Whether ``directory`` holds a tokenizer vocabulary (one of ``TOKENIZER_FILES``)."""
+    return any(all((directory / name).is_file() for name in names) for names in TOKENIZER_FILES)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where to load a transformers model and its tokenizer from."""
+
+    model: str
+    tokenizer: str
+    local_files_only: bool
+
+
+def resolve_model_source(name_or_path: str | os.PathLike, *, subfolder: str, tokenizer_subfolder: str, flag: str) -> ModelSource:
+    """A hub id, a local HF snapshot directory, or a diffusers pipeline directory (``subfolder`` / ``tokenizer_subfolder``).
+
+    Local directories are always loaded with ``local_files_only=True`` (never any network access).
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if not path.exists():
+        if not _HUB_ID.fullmatch(text):
+            raise UserError(f"{text}: text encoder directory not found ({flag})")
+        return ModelSource(text, text, local_files_only=False)
+    if path.is_file():
+        raise UserError(
+            f"{path}: {flag} needs a Hugging Face model directory (config.json + weights + tokenizer), not a single file"
+        )
+    model_dir = path
+    if not (path / "config.json").is_file() and (path / subfolder / "config.json").is_file():
+        model_dir = path / subfolder
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{path}: no config.json (nor {subfolder}/config.json) in the text encoder directory ({flag})")
+    candidates = list(dict.fromkeys((model_dir, path, path / tokenizer_subfolder)))
+    tok_dir = next((c for c in candidates if has_tokenizer_files(c)), None)
+    if tok_dir is None:
+        where = " / ".join(str(c) for c in candidates)
+        wanted = ", ".join(" + ".join(names) for names in TOKENIZER_FILES)
+        raise UserError(f"{path}: the tokenizer is missing from the text encoder directory ({flag}): none of {wanted} in {where}")
+    return ModelSource(str(model_dir), str(tok_dir), local_files_only=True)
