@@ -16,8 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _OUT_OF_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-# libraries that do their own I/O (safetensors' Rust writer, torch.save's zip writer) raise their own exception types
-_OUT_OF_SPACE_TEXT = ("no space left", "storagefull", "disk quota", "file too large", "filetoolarge", "file write failed")
+# libraries that do their own I/O (safetensors' Rust writer, torch.save's zip writer) raise their own exception types;
+# torch's zip writer reports a short write as "file write failed" or "unexpected pos <n> vs <m>"
+_OUT_OF_SPACE_TEXT = (
+    "no space left",
+    "storagefull",
+    "disk quota",
+    "file too large",
+    "filetoolarge",
+    "file write failed",
+    "unexpected pos",
+)
 
 
 def is_out_of_space(exc: BaseException) -> bool:
