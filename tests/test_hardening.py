@@ -361,3 +361,28 @@ def test_unwritable_output_location_is_refused_before_models_load(k5_bundle, tmp
     assert f"--save_path: cannot write to {blocker / 'videos'}" in err
     err = exit_2(generate, gen_argv(k5_bundle, "--output", str(blocker / "x.mp4"), dit=MISSING_DIT), capsys)
     assert f"--output: cannot write to {blocker}" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training samples carry the generator's metadata
+
+
+def test_training_samples_carry_the_generators_metadata(k5_bundle, cached, tmp_path):
+    from blissful_tuner.metadata import read_metadata
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --f 5 --s 2 --d 7\n", encoding="utf-8")
+    encoders = ["--text_encoder_qwen", str(k5_bundle.text_encoder_qwen), "--text_encoder_clip", str(k5_bundle.text_encoder_clip)]
+    train(train_argv(k5_bundle, cached, tmp_path / "out", "--sample_prompts", str(prompts), "--sample_at_first",
+                     "--vae", str(k5_bundle.vae), "--vae_dtype", "float32", *encoders))  # fmt: skip
+    (sample,) = sorted((tmp_path / "out" / "sample").glob("*.mp4"))
+    trained_md = read_metadata(sample, bt_only=True)
+    out = tmp_path / "gen.mp4"
+    generate(gen_argv(k5_bundle, "--seed", "7", "--output", str(out)))
+    generated_md = read_metadata(out, bt_only=True)
+    varying = {"bt_creation_timestamp"}
+    shared = set(generated_md) - varying
+    assert {"bt_prompt", "bt_seeds", "bt_task", "bt_negative_prompt", "bt_guidance_scale", "bt_video_length"} <= shared
+    assert shared <= set(trained_md), shared - set(trained_md)
+    assert {k: trained_md[k] for k in shared} == {k: generated_md[k] for k in shared}
+    assert trained_md["bt_training_step"] == "0" and trained_md["bt_training_output_name"] == "k5"

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from blissful_tuner.blissful_logger import get_logger
-from blissful_tuner.metadata import MP4_JSON_TAG
 from musubi_tuner.utils.atomic import atomic_path, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
+from musubi_tuner.utils.generation_metadata import MP4_OPTIONS, png_info, set_container_metadata
 
 logger = get_logger(__name__)
 
@@ -113,17 +113,12 @@ def resolve_container(codec: str, container: str | None) -> str:
 def save_png(frame: np.ndarray | torch.Tensor, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """One frame as PNG (``(H, W, 3)`` uint8 or a float ``(C, H, W)`` in [0, 1]); metadata as UTF-8 iTXt chunks."""
     from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
 
     frames = to_uint8_frames(frame)
     if frames.shape[0] != 1:
         raise ValueError(f"save_png takes one frame, got {frames.shape[0]}")
     path = Path(path)
-    info = None
-    if metadata:
-        info = PngInfo()
-        for k, v in metadata.items():
-            info.add_itxt(str(k), str(v))
+    info = png_info(metadata)
     with atomic_path(path) as tmp:
         Image.fromarray(frames[0]).save(tmp, format="PNG", pnginfo=info)
     return path
@@ -162,20 +157,14 @@ def save_video(
     minimum = 64 if spec.encoder == "libx265" else 0
     frames = _pad_frames(frames, even=spec.pix_fmt.startswith("yuv420"), minimum=minimum)
     height, width = frames.shape[1:3]
-    options = {"movflags": "use_metadata_tags"} if container == "mp4" else {}
+    options = dict(MP4_OPTIONS) if container == "mp4" else {}
     from fractions import Fraction
 
     rate = Fraction(fps).limit_denominator(1001)
     with atomic_path(path) as tmp:
         out = av.open(str(tmp), mode="w", format="mp4" if container == "mp4" else "matroska", options=options)
         try:
-            if metadata:
-                for k, v in metadata.items():
-                    out.metadata[str(k)] = str(v)
-                if container == "mp4":
-                    import json
-
-                    out.metadata[MP4_JSON_TAG] = json.dumps(metadata, ensure_ascii=False)
+            set_container_metadata(out, metadata, mp4=container == "mp4")
             stream = out.add_stream(spec.encoder, rate=rate)
             stream.width, stream.height, stream.pix_fmt = width, height, spec.pix_fmt
             opts = dict(spec.options)

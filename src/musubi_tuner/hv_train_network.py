@@ -314,6 +314,15 @@ class NetworkTrainer:
         """Extra metadata keys of the saved LoRAs."""
         return {}
 
+    def sample_metadata(
+        self, args: argparse.Namespace, sample_parameter: dict[str, Any], *, seed: int, step: int
+    ) -> dict[str, str]:
+        """The ``bt_*`` generation metadata embedded in a training sample (the generate scripts' keys); architectures
+        add theirs (task, resolved negative prompt...) through ``training.sampling.sample_generation_metadata``."""
+        from musubi_tuner.training.sampling import sample_generation_metadata
+
+        return sample_generation_metadata(args, sample_parameter, model_type=self.architecture_full_name, seed=seed, step=step)
+
     def on_datasets_loaded(self, args: argparse.Namespace, train_group: Any, val_group: Any | None) -> None:
         """Called once the cached datasets are indexed, before any model loads (e.g. to check latent geometry)."""
 

@@ -396,6 +396,27 @@ class Kandinsky5NetworkTrainer(NetworkTrainer):
         else:
             self._vae = vae
 
+    def sample_metadata(self, args, sample_parameter, *, seed, step):
+        """What ``kandinsky5_generate_video.py`` records for the same settings: task, CFG, resolved negative..."""
+        from musubi_tuner.kandinsky5.configs import OUTPUT_FPS
+        from musubi_tuner.kandinsky5.generate.generator import model_type
+        from musubi_tuner.kandinsky5.vae import latent_frame_count
+        from musubi_tuner.training.sampling import sample_generation_metadata
+
+        task = self.task
+        assert task is not None
+        p = sample_parameter
+        extra = {
+            "bt_task": task.name,
+            "bt_negative_prompt": p.get("k5_negative"),
+            "bt_guidance_scale": p.get("k5_cfg"),
+            "bt_scheduler": "default",
+            "bt_fps": OUTPUT_FPS,
+            "bt_latent_frames": 1 if task.is_image else latent_frame_count(p["frame_count"]),
+            "bt_nabla": "true" if self.nabla is not None else None,
+        }
+        return sample_generation_metadata(args, p, model_type=model_type(task), seed=seed, step=step, extra=extra)
+
     def on_before_sample_images(self, accelerator, args, epoch, step, vae, transformer) -> None:
         from musubi_tuner.training.sampling import sample_tag
 

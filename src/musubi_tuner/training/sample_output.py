@@ -1,7 +1,8 @@
 """Minimal writers for training-time samples: PNG for single frames, MP4 (PyAV, libx264, yuv420p) for videos.
 
 The trainer lives in ``musubi_tuner`` and must not import ``blissful_tuner.media_output`` (layering), hence this
-small saver of its own.
+small saver of its own. Generation metadata is embedded by the same carriers as the generate scripts' outputs
+(``utils.generation_metadata``), so ``blissful-read-metadata`` reads samples and generated files alike.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from musubi_tuner.utils.atomic import atomic_path
+from musubi_tuner.utils.generation_metadata import MP4_OPTIONS, png_info, set_container_metadata
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -22,23 +24,27 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def save_png(frame: np.ndarray, path: Path) -> Path:
-    """One ``(H, W, C)`` uint8 frame as PNG (written atomically)."""
+def save_png(frame: np.ndarray, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """One ``(H, W, C)`` uint8 frame as PNG (written atomically; ``metadata`` as iTXt chunks)."""
     from PIL import Image
 
     with atomic_path(path) as tmp:
-        Image.fromarray(frame[..., :3] if frame.shape[-1] >= 3 else frame[..., 0]).save(tmp, format="PNG")
+        image = Image.fromarray(frame[..., :3] if frame.shape[-1] >= 3 else frame[..., 0])
+        image.save(tmp, format="PNG", pnginfo=png_info(metadata))
     return path
 
 
-def save_mp4(frames: np.ndarray, path: Path, fps: float = 24.0, bit_rate: int = 4_000_000) -> Path:
-    """``(F, H, W, 3)`` uint8 frames as H.264 MP4 (yuv420p; odd sizes are cropped to even)."""
+def save_mp4(
+    frames: np.ndarray, path: Path, fps: float = 24.0, bit_rate: int = 4_000_000, metadata: dict[str, str] | None = None
+) -> Path:
+    """``(F, H, W, 3)`` uint8 frames as H.264 MP4 (yuv420p; odd sizes are cropped to even; ``metadata`` as tags)."""
     import av
 
     f, h, w = frames.shape[:3]
     frames = frames[:, : h - h % 2, : w - w % 2, :3]
     with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
+        with av.open(str(tmp), mode="w", format="mp4", options=dict(MP4_OPTIONS)) as container:
+            set_container_metadata(container, metadata, mp4=True)
             stream = container.add_stream("libx264", rate=int(round(fps)))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
@@ -51,11 +57,14 @@ def save_mp4(frames: np.ndarray, path: Path, fps: float = 24.0, bit_rate: int = 
     return path
 
 
-def save_sample(video: torch.Tensor, base: Path, fps: float = 24.0) -> list[Path]:
-    """Save one sample ``(C, F, H, W)`` (or ``(C, H, W)``) in [0, 1]: ``base.mp4`` when F > 1, else ``base.png``."""
+def save_sample(video: torch.Tensor, base: Path, fps: float = 24.0, metadata: dict[str, str] | None = None) -> list[Path]:
+    """Save one sample ``(C, F, H, W)`` (or ``(C, H, W)``) in [0, 1]: ``base.mp4`` when F > 1, else ``base.png``.
+
+    ``metadata``: the ``bt_*`` generation metadata embedded in the file (see ``utils.generation_metadata``).
+    """
     if video.ndim == 3:
         video = video.unsqueeze(1)
     frames = to_uint8_frames(video)
     if frames.shape[0] > 1:
-        return [save_mp4(frames, base.with_name(base.name + ".mp4"), fps)]
-    return [save_png(frames[0], base.with_name(base.name + ".png"))]
+        return [save_mp4(frames, base.with_name(base.name + ".mp4"), fps, metadata=metadata)]
+    return [save_png(frames[0], base.with_name(base.name + ".png"), metadata)]

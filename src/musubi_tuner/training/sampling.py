@@ -6,6 +6,7 @@ architecture's ``process_sample_prompts``; ``sample_images`` runs ``do_inference
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import random
@@ -146,9 +147,10 @@ def sample_images(
                 if video is None:
                     continue
                 base = sample_base_path(args.output_dir, args.output_name, tag, int(params.get("enum", 0)), seed)
+                metadata = _sample_metadata(trainer, args, params, generator.initial_seed(), step)
                 for i, item in enumerate(video if video.ndim == 5 else video.unsqueeze(0)):
                     target = base if i == 0 else base.with_name(f"{base.name}_{i}")
-                    saved.extend(save_sample(item, target))
+                    saved.extend(save_sample(item, target, metadata=metadata))
                 logger.info(f"sample saved: {', '.join(str(p) for p in saved[-1:])}")
     finally:
         if swap:
@@ -157,6 +159,42 @@ def sample_images(
     _log_to_wandb(accelerator, saved, step)
     trainer.on_after_sample_images(accelerator, args, epoch, step, vae, model)
     return saved
+
+
+def sample_generation_metadata(
+    args: Any, params: dict[str, Any], *, model_type: str, seed: int, step: int, extra: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """The ``bt_*`` metadata of a training sample: the keys a generate script writes for the same settings
+    (``utils.generation_metadata.prepare_metadata``), plus ``bt_training_output_name`` / ``bt_training_step``."""
+    from musubi_tuner.utils.generation_metadata import prepare_metadata
+
+    cfg = params.get("cfg_scale") if params.get("cfg_scale") is not None else params.get("guidance_scale")
+    keys: dict[str, Any] = {
+        "bt_width": params.get("width"),
+        "bt_height": params.get("height"),
+        "bt_video_length": params.get("frame_count"),
+        "bt_infer_steps": params.get("sample_steps"),
+        "bt_guidance_scale": cfg,
+        "bt_flow_shift": params.get("discrete_flow_shift"),
+        "bt_training_output_name": args.output_name,
+        "bt_training_step": step,
+        **(extra or {}),
+    }
+    return prepare_metadata(
+        argparse.Namespace(),
+        model_type=model_type,
+        seeds=int(seed),
+        prompt=params.get("prompt") or "",
+        negative_prompt=params.get("negative_prompt"),
+        extra=keys,
+    )
+
+
+def _sample_metadata(trainer: Any, args: Any, params: dict[str, Any], seed: int, step: int) -> dict[str, str] | None:
+    hook = getattr(trainer, "sample_metadata", None)
+    if callable(hook):
+        return hook(args, params, seed=seed, step=step)
+    return sample_generation_metadata(args, params, model_type=getattr(trainer, "architecture", "unknown"), seed=seed, step=step)
 
 
 def _log_to_wandb(accelerator: Any, files: list[Path], step: int) -> None:
