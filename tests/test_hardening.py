@@ -386,3 +386,9 @@ def test_training_samples_carry_the_generators_metadata(k5_bundle, cached, tmp_p
     assert shared <= set(trained_md), shared - set(trained_md)
     assert {k: trained_md[k] for k in shared} == {k: generated_md[k] for k in shared}
     assert trained_md["bt_training_step"] == "0" and trained_md["bt_training_output_name"] == "k5"
+
+
+def test_modelspec_resolution_comes_from_the_trained_buckets(trained):
+    with safe_open(str(trained / "k5.safetensors"), "pt") as f:
+        md = f.metadata()
+    assert md["modelspec.resolution"] == "64x64"  # the 64x64 clips' bucket, not the architecture's nominal 1280x720

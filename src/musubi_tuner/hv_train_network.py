@@ -37,7 +37,7 @@ from musubi_tuner.training.args import (
 )
 from musubi_tuner.training.data import EpochSyncedDataset, make_loader
 from musubi_tuner.training.lr_schedulers import current_lrs, get_lr_scheduler
-from musubi_tuner.training.metadata import dataset_metadata, finalize_metadata, training_metadata
+from musubi_tuner.training.metadata import bucket_resolution, dataset_metadata, finalize_metadata, training_metadata
 from musubi_tuner.training.noise import apply_noise_options
 from musubi_tuner.training.optimizers import get_optimizer, is_schedule_free
 from musubi_tuner.training.sampling import sample_images, should_sample
@@ -851,7 +851,12 @@ class NetworkTrainer:
             _optimizer_mode(run.optimizer, train=False)
         path = lora_file(args.output_dir, stem)
         md = finalize_metadata(
-            run.metadata, args, self.architecture_full_name, steps=run.state.current_step, epoch=run.state.current_epoch
+            run.metadata,
+            args,
+            self.architecture_full_name,
+            steps=run.state.current_step,
+            epoch=run.state.current_epoch,
+            resolution=bucket_resolution(run.train_group),
         )
         save_network_atomic(run.network, path, save_dtype(args), md, args.lora_format, self.architecture_full_name)
         logger.info(f"saved {path}")

@@ -129,10 +129,24 @@ def training_metadata(
     return result
 
 
-def modelspec_metadata(args: Any, arch_full_name: str, timestamp: float) -> dict[str, str]:
-    """SAI ModelSpec keys (always written)."""
+def bucket_resolution(group: Any) -> str | None:
+    """``WxH`` of the bucket holding most training items (repeats counted; ties: the larger area), or None."""
+    counts: dict[tuple[int, int], int] = {}
+    for d in getattr(group, "datasets", []):
+        for item in getattr(d, "items", []):
+            bucket = tuple(item.bucket)
+            counts[bucket] = counts.get(bucket, 0) + max(1, int(getattr(d.params, "num_repeats", 1) or 1))
+    if not counts:
+        return None
+    w, h = max(counts, key=lambda b: (counts[b], b[0] * b[1], b))
+    return f"{w}x{h}"
+
+
+def modelspec_metadata(args: Any, arch_full_name: str, timestamp: float, resolution: str | None = None) -> dict[str, str]:
+    """SAI ModelSpec keys (always written). ``modelspec.resolution``: ``--metadata_reso``, else ``resolution`` (the
+    trained buckets, ``bucket_resolution``), else the architecture's nominal size."""
     arch, impl = MODELSPEC_ARCH.get(arch_full_name, (arch_full_name, ""))
-    reso = _RESOLUTIONS.get(arch_full_name, "1280x720")
+    reso = resolution or _RESOLUTIONS.get(arch_full_name, "1280x720")
     if args.metadata_reso:
         parts = [p.strip() for p in str(args.metadata_reso).replace("x", ",").split(",")]
         reso = f"{parts[0]}x{parts[-1]}"
@@ -162,11 +176,14 @@ def modelspec_metadata(args: Any, arch_full_name: str, timestamp: float) -> dict
     return md
 
 
-def finalize_metadata(base: dict[str, str], args: Any, arch_full_name: str, *, steps: int, epoch: int) -> dict[str, str]:
-    """The metadata of one save: the run's keys plus step, epoch, finish time and ModelSpec."""
+def finalize_metadata(
+    base: dict[str, str], args: Any, arch_full_name: str, *, steps: int, epoch: int, resolution: str | None = None
+) -> dict[str, str]:
+    """The metadata of one save: the run's keys plus step, epoch, finish time and ModelSpec (``resolution``: see
+    ``modelspec_metadata``)."""
     now = time.time()
     md = dict(base)
     if not args.no_metadata:
         md.update(ss_training_finished_at=str(now), ss_steps=str(steps), ss_epoch=str(epoch))
-    md.update(modelspec_metadata(args, arch_full_name, now))
+    md.update(modelspec_metadata(args, arch_full_name, now, resolution))
     return md
