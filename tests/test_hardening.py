@@ -392,3 +392,45 @@ def test_modelspec_resolution_comes_from_the_trained_buckets(trained):
     with safe_open(str(trained / "k5.safetensors"), "pt") as f:
         md = f.metadata()
     assert md["modelspec.resolution"] == "64x64"  # the 64x64 clips' bucket, not the architecture's nominal 1280x720
+
+
+def test_user_error_under_accelerate_launch_quiet_is_one_message(tmp_path):
+    """accelerate re-raises a failed child as its own traceback; ``accelerate launch -q`` leaves our one message."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+           str(REPO / "kandinsky5_train_network.py"), "--task", TASK, "--network_dim", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1  # accelerate's status for any failed child (documented in docs/training.md)
+    assert "error: argument --network_dim: must be >= 1 (got 0)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# first contact: the demo
+
+
+def test_demo_step_echoes_progress_and_logs_everything(tmp_path, capsys):
+    from musubi_tuner.demo.run_demo import _run
+
+    script = (
+        "import sys, time\n"
+        "for i in range(1, 4):\n"
+        "    sys.stderr.write(f'\\rsteps:  {i * 33}%|###       | {i}/3 [00:0{i}<00:01, 1.0it/s, loss=0.5]')\n"
+        "    sys.stderr.flush()\n"
+        "print('training finished')\n"
+    )
+    log = tmp_path / "step.log"
+    _run([sys.executable, "-c", script], log, dict(os.environ))
+    out = capsys.readouterr().out
+    assert "steps 3/3 99% [00:03<00:01, 1.0it/s, loss=0.5]" in out and "steps 1/3 33%" in out
+    assert "training finished" in log.read_text() and "training finished" not in out
+
+
+def test_demo_default_work_dir_is_git_ignored():
+    from musubi_tuner.demo.run_demo import setup_parser
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    work = setup_parser().parse_args([]).work_dir
+    proc = subprocess.run(["git", "check-ignore", "-q", f"{work}/bundle/dit.safetensors"], cwd=REPO)
+    assert proc.returncode == 0, f"{work}/ is not ignored by .gitignore"

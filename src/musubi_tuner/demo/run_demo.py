@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -56,16 +57,47 @@ class DemoResult:
     merged_matches_lora: float  # mean |Δ| between LoRA-on-load and merged-DiT videos
 
 
+# a tqdm progress line: "<desc>: 45%|####5     | 27/60 [00:30<00:36, 1.1it/s, loss=0.31]"
+_PROGRESS = re.compile(r"^\s*(?P<desc>[\w .-]{1,40}): +(?P<pct>\d{1,3})%\|.*?\| *(?P<count>\d+/\d+) *(?P<rest>\[[^\]]*\])?")
+
+
+def _progress_text(segment: str) -> str | None:
+    """``steps 27/60 45% [00:30<00:36, 1.1it/s, loss=0.31]`` for a tqdm line, else None."""
+    m = _PROGRESS.match(segment)
+    if m is None:
+        return None
+    return f"{m['desc'].strip()} {m['count']} {m['pct']}% {(m['rest'] or '').strip()}".rstrip()
+
+
 def _run(cmd: list[str], log_path: Path, env: dict[str, str]) -> None:
-    """Run one CLI step, its output to ``log_path``; a failure shows the log's tail and stops the demo."""
+    """Run one CLI step, its output to ``log_path``; a failure shows the log's tail and stops the demo.
+
+    Progress bars of the step (training steps, encoding...) are echoed on one console line while it runs, so a long
+    step is never silent.
+    """
     shown = " ".join(shlex.quote(c) for c in cmd)
     print(f"\n$ {shown}", flush=True)
     started = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-    if proc.returncode != 0:
+    shown_progress = False
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        pending = b""
+        while chunk := proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096):
+            log.write(chunk)
+            pending += chunk
+            *segments, pending = re.split(rb"[\r\n]", pending)
+            for raw in segments:
+                text = _progress_text(raw.decode("utf-8", errors="replace"))
+                if text:
+                    print(f"\r  {text[:110]:<110}", end="", flush=True)
+                    shown_progress = True
+        returncode = proc.wait()
+    if shown_progress:
+        print(flush=True)
+    if returncode != 0:
         tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
-        raise UserError(f"demo step failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+        raise UserError(f"demo step failed (exit {returncode}); log {log_path}:\n{tail}")
     print(f"  done in {time.perf_counter() - started:.1f} s (log: {log_path})", flush=True)
 
 
