@@ -417,7 +417,7 @@ def test_demo_step_echoes_progress_and_logs_everything(tmp_path, capsys):
         "for i in range(1, 4):\n"
         "    sys.stderr.write(f'\\rsteps:  {i * 33}%|###       | {i}/3 [00:0{i}<00:01, 1.0it/s, loss=0.5]')\n"
         "    sys.stderr.flush()\n"
-        "print('training finished')\n"
+        "print('training', 'finished')\n"
     )
     log = tmp_path / "step.log"
     _run([sys.executable, "-c", script], log, dict(os.environ))
