@@ -395,3 +395,24 @@ def test_image_flow_shift_applies_to_single_frame_video_batches_only():
     with pytest.raises(SystemExit) as exit_info:  # refused while parsing (range-checked option)
         setup_parser_common().parse_args([*argv, "--image_flow_shift", "0"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
+def test_own_schedules_equal_transformers(name):
+    """The common schedules are computed without importing transformers (start-up time); same values as its own."""
+    from transformers import get_scheduler
+
+    steps, warmup = 12, 0 if name == "constant" else 3
+    argv = ["--lr_scheduler", name, "--learning_rate", "0.5", "--max_train_steps", str(steps), "--lr_warmup_steps", str(warmup)]
+    ours = lrs(parse(*argv, "--lr_scheduler_num_cycles", "2", "--lr_scheduler_power", "2"), steps + 2)
+    opt = torch.optim.SGD(params(), lr=0.5)
+    specific = {"cosine_with_restarts": {"num_cycles": 2}, "polynomial": {"power": 2.0}}.get(name, {})
+    kwargs = {} if name.startswith("constant") else {"num_training_steps": steps}
+    if name != "constant":
+        kwargs["num_warmup_steps"] = warmup
+    ref_sched = get_scheduler(name, opt, scheduler_specific_kwargs=specific, **kwargs)
+    ref = []
+    for _ in range(steps + 2):
+        ref.append(opt.param_groups[0]["lr"])
+        ref_sched.step()
+    assert ours == pytest.approx(ref, abs=1e-12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 import torch
@@ -50,6 +51,51 @@ class RexLR(LambdaLR):
             return m + (1 - m) * step / w
         z = max(0.0, 1 - (step - w) / max(1, total - w))
         return m + (1 - m) * z / (0.1 + 0.9 * z)
+
+
+# transformers' scheduler names: the common ones are computed here (same formulas, checked against transformers in
+# tests/test_trainer_options.py) because `from transformers import get_scheduler` pulls in transformers' trainer
+# utilities, peft and torch._dynamo (several seconds of start-up); the others come from transformers
+OWN_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+TRANSFORMERS_ONLY_SCHEDULERS = (
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
+POLYNOMIAL_LR_END = 1e-7  # transformers' default end of the polynomial decay
+
+
+def warmup_factor(name: str, warmup: int, total: int, *, num_cycles: int = 1, power: float = 1.0, lr: float = 1.0):
+    """The LR multiplier ``f(step)`` of one of ``OWN_SCHEDULERS``: linear warmup over ``warmup`` steps, then the
+    schedule over the remaining ``total - warmup`` steps (``cosine``: half a cosine to 0; ``cosine_with_restarts``:
+    ``num_cycles`` half cosines; ``polynomial``: ``(1 - progress)^power`` from ``lr`` down to ``1e-7``)."""
+    if name == "polynomial" and lr <= POLYNOMIAL_LR_END:
+        raise UserError(f"--lr_scheduler polynomial: --learning_rate ({lr}) must be above the end value {POLYNOMIAL_LR_END}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if name in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if name == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        if name == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        if name == "cosine_with_restarts":
+            if progress >= 1.0:
+                return 0.0
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0))))
+        if name == "polynomial":
+            if step > total:
+                return POLYNOMIAL_LR_END / lr
+            return ((lr - POLYNOMIAL_LR_END) * (1 - progress) ** power + POLYNOMIAL_LR_END) / lr
+        raise ValueError(f"not one of {OWN_SCHEDULERS}: {name!r}")
+
+    return factor
 
 
 def resolve_scheduler_class(dotted: str) -> type:
@@ -104,17 +150,22 @@ def get_lr_scheduler(args: Any, optimizer: torch.optim.Optimizer, num_processes:
         if not rules:
             raise UserError("--lr_scheduler piecewise_constant needs --lr_scheduler_args \"step_rules='1:10,0.1:20,0.01'\"")
         return get_piecewise_constant_schedule(optimizer, step_rules=str(rules))
-    from transformers import SchedulerType, get_scheduler
-
-    valid = [s.value for s in SchedulerType]
+    valid = [*OWN_SCHEDULERS, *TRANSFORMERS_ONLY_SCHEDULERS]
     if name not in valid:
         raise UserError(f"--lr_scheduler {name!r}: unknown; choose one of {valid + ['piecewise_constant', 'rex', 'adafactor']}")
+    if decay and name != "warmup_stable_decay":
+        raise UserError(f"--lr_decay_steps is used by --lr_scheduler warmup_stable_decay, not {name!r}")
+    if name in OWN_SCHEDULERS:
+        if warmup and name == "constant":
+            raise UserError("--lr_warmup_steps needs a scheduler with warmup (e.g. constant_with_warmup), not 'constant'")
+        factor = warmup_factor(
+            name, warmup, total, num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power, lr=args.learning_rate
+        )
+        return LambdaLR(optimizer, factor)
+    from transformers import get_scheduler  # the rarer schedules: importing transformers' trainer utilities costs seconds
+
     specific: dict[str, Any] = {}
-    if name == "cosine_with_restarts":
-        specific["num_cycles"] = args.lr_scheduler_num_cycles
-    elif name == "polynomial":
-        specific["power"] = args.lr_scheduler_power
-    elif name == "inverse_sqrt" and args.lr_scheduler_timescale is not None:
+    if name == "inverse_sqrt" and args.lr_scheduler_timescale is not None:
         specific["timescale"] = args.lr_scheduler_timescale * num_processes  # in optimizer steps, like warmup
     elif name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         specific["min_lr_rate"] = 0.0 if args.lr_scheduler_min_lr_ratio is None else args.lr_scheduler_min_lr_ratio
@@ -122,15 +173,10 @@ def get_lr_scheduler(args: Any, optimizer: torch.optim.Optimizer, num_processes:
         specific["num_decay_steps"] = decay
         if args.lr_scheduler_min_lr_ratio is not None:
             specific["min_lr_ratio"] = args.lr_scheduler_min_lr_ratio
-    if decay and name != "warmup_stable_decay":
-        raise UserError(f"--lr_decay_steps is used by --lr_scheduler warmup_stable_decay, not {name!r}")
     kwargs: dict[str, Any] = {"scheduler_specific_kwargs": specific}
-    if name not in ("constant",):
-        kwargs["num_warmup_steps"] = warmup
-    if name not in ("constant", "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau"):
+    kwargs["num_warmup_steps"] = warmup
+    if name not in ("inverse_sqrt", "reduce_lr_on_plateau"):
         kwargs["num_training_steps"] = total
-    elif warmup and name == "constant":
-        raise UserError("--lr_warmup_steps needs a scheduler with warmup (e.g. constant_with_warmup), not 'constant'")
     return get_scheduler(name, optimizer, **kwargs)
 
 
