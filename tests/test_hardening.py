@@ -434,3 +434,20 @@ def test_demo_default_work_dir_is_git_ignored():
     work = setup_parser().parse_args([]).work_dir
     proc = subprocess.run(["git", "check-ignore", "-q", f"{work}/bundle/dit.safetensors"], cwd=REPO)
     assert proc.returncode == 0, f"{work}/ is not ignored by .gitignore"
+
+
+def test_trainer_help_and_option_errors_do_not_import_torch():
+    """``--help`` and parse errors answer without importing torch and the model code (start-up: bench/trainer_startup.py)."""
+    code = (
+        "import sys\n"
+        "from musubi_tuner.kandinsky5_train_network import main\n"
+        "for argv in (['--help'], ['--network_dim', '0']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, 2), e.code\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch loaded: False" in proc.stdout and "--network_dim" in proc.stdout

@@ -438,8 +438,10 @@ def test_override_dit_is_applied(k5_bundle, tmp_path):
 def test_every_k5_option_is_consumed():
     """No dead flags (defect #8): each option of the Kandinsky 5 group is read by the trainer code."""
     src = ROOT / "src" / "musubi_tuner"
-    # the trainer, and the text-encoder factory it hands its args to (Kandinsky5TextEncoder.from_args)
-    code = (src / "kandinsky5_train_network.py").read_text() + (src / "kandinsky5" / "text_encoders.py").read_text()
+    # the script, the trainer hooks, and the text-encoder factory they hand their args to (Kandinsky5TextEncoder.from_args)
+    code = "".join(
+        (src / f).read_text() for f in ("kandinsky5_train_network.py", "kandinsky5/trainer.py", "kandinsky5/text_encoders.py")
+    )
     common = {a.dest for a in __import__("musubi_tuner.training.args", fromlist=["x"]).setup_parser_common()._actions}
     unused = [
         a.dest

@@ -23,6 +23,7 @@ OUTPUT_FPS = 24
 
 NABLA_WT, NABLA_WH, NABLA_WW = 11, 3, 3
 NABLA_METHOD = "topcdf"
+NABLA_METHODS = ("topcdf", "topk")  # binarisations of the NABLA attention map
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from musubi_tuner.kandinsky5.configs import NABLA_METHODS
 from musubi_tuner.utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 
 TILE = 8  # tile side in post-patch tokens
 BLOCK_SIZE = TILE * TILE  # tokens per attention block
-NABLA_METHODS = ("topcdf", "topk")
 DEFAULT_FORCED_P = 0.9
 
 

@@ -1,0 +1,102 @@
+"""Trainer start-up: wall time of ``kandinsky5_train_network.py --help`` and from process start to the first step.
+
+Writes the tiny Kandinsky 5 bundle and a synthetic dataset (2 clips of 17 frames at 64x64), caches them with the
+caching scripts, then runs each measured command as a fresh process, alternating, and keeps each command's fastest
+run (the machine is shared). "First step" is the moment the trainer's progress bar shows ``1/<steps>`` on stderr,
+i.e. the first optimizer step is done. The peer is ``python -c "import torch"``, measured in the same run, so the
+numbers can be read as a multiple of the bare interpreter + torch import.
+
+    python bench/trainer_startup.py                  # 3 repeats
+    python bench/trainer_startup.py --repeats 1      # quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = "k5-lite-t2v-5s-sd"
+FIRST_STEP = re.compile(rb"steps:\s+\d+%\|[^|]*\|\s*1/\d+")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def prepare(work: Path) -> list[str]:
+    """Bundle + dataset + caches in ``work``; returns the trainer's arguments."""
+    from musubi_tuner.demo.bundles import write_k5_bundle
+    from musubi_tuner.demo.synthetic_data import write_synthetic_video_dataset
+
+    bundle = write_k5_bundle(work / "bundle", task=TASK, seed=0)
+    data = write_synthetic_video_dataset(work / "data", n_videos=2, n_images=0, seed=1)
+    run = [sys.executable, "-m"]
+    subprocess.run([*run, "musubi_tuner.kandinsky5_cache_latents", "--dataset_config", str(data.video_toml), "--vae",
+                    str(bundle.vae), "--device", "cpu"], check=True, env=_env(), capture_output=True)  # fmt: skip
+    subprocess.run([*run, "musubi_tuner.kandinsky5_cache_text_encoder_outputs", "--dataset_config", str(data.video_toml),
+                    "--text_encoder_qwen", str(bundle.text_encoder_qwen), "--text_encoder_clip",
+                    str(bundle.text_encoder_clip), "--device", "cpu"], check=True, env=_env(), capture_output=True)  # fmt: skip
+    return [
+        "--task", TASK, "--dit", str(bundle.dit), "--dataset_config", str(data.video_toml),
+        "--network_module", "networks.lora_kandinsky", "--network_dim", "4", "--learning_rate", "1e-3",
+        "--optimizer_type", "AdamW", "--lr_scheduler", "cosine", "--max_data_loader_n_workers", "0", "--seed", "1",
+        "--max_train_steps", "2", "--output_dir", str(work / "out"), "--output_name", "k5",
+    ]  # fmt: skip
+
+
+def time_to_exit(cmd: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True)
+    return time.perf_counter() - started
+
+
+def time_to_first_step(cmd: list[str]) -> float:
+    """Seconds from starting ``cmd`` until its progress bar reports the first step (the process is then stopped)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    seen = b""
+    try:
+        while chunk := proc.stderr.read1(65536):
+            seen = (seen + chunk)[-4096:]
+            if FIRST_STEP.search(seen):
+                return time.perf_counter() - started
+        raise RuntimeError(f"no first step in the trainer's output (exit {proc.wait()}): {seen[-2000:].decode(errors='replace')}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--work_dir", type=str, default=None, help="where the bundle and caches go (default: a temp dir)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        train_args = prepare(work)
+        trainer = [sys.executable, str(REPO / "kandinsky5_train_network.py")]
+        rows = {
+            "python -c 'import torch' (peer)": (time_to_exit, [sys.executable, "-c", "import torch"]),
+            "kandinsky5_train_network.py --help": (time_to_exit, [*trainer, "--help"]),
+            "process start -> first step done": (time_to_first_step, [*trainer, *train_args]),
+        }
+        best: dict[str, float] = {}
+        for _ in range(args.repeats):
+            for name, (fn, cmd) in rows.items():
+                best[name] = min(best.get(name, float("inf")), fn(cmd))
+    peer = best["python -c 'import torch' (peer)"]
+    print(f"{'command':<40} {'best s':>8} {'x import torch':>15}")
+    for name, seconds in best.items():
+        print(f"{name:<40} {seconds:8.2f} {seconds / peer:15.2f}")
+
+
+if __name__ == "__main__":
+    main()
