@@ -8,6 +8,8 @@ numbers can be read as a multiple of the bare interpreter + torch import.
 
     python bench/trainer_startup.py                  # 3 repeats
     python bench/trainer_startup.py --repeats 1      # quick run
+    # the same rows for another source tree too (e.g. an older commit: git archive <rev> | tar -x -C /tmp/old)
+    python bench/trainer_startup.py --baseline_src /tmp/old
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ TASK = "k5-lite-t2v-5s-sd"
 FIRST_STEP = re.compile(rb"steps:\s+\d+%\|[^|]*\|\s*1/\d+")
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def _env(src: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if src is not None:  # run another source tree's package instead of the installed one
+        env["PYTHONPATH"] = os.pathsep.join([str(src / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
 
 
 def prepare(work: Path) -> list[str]:
@@ -51,16 +56,16 @@ def prepare(work: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def time_to_exit(cmd: list[str]) -> float:
+def time_to_exit(cmd: list[str], src: Path | None = None) -> float:
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, env=_env(), capture_output=True)
+    subprocess.run(cmd, check=True, env=_env(src), capture_output=True)
     return time.perf_counter() - started
 
 
-def time_to_first_step(cmd: list[str]) -> float:
+def time_to_first_step(cmd: list[str], src: Path | None = None) -> float:
     """Seconds from starting ``cmd`` until its progress bar reports the first step (the process is then stopped)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=_env(src), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     seen = b""
     try:
@@ -78,20 +83,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--work_dir", type=str, default=None, help="where the bundle and caches go (default: a temp dir)")
+    p.add_argument("--baseline_src", type=str, default=None, help="also time this source tree's trainer (its src/ first)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         train_args = prepare(work)
-        trainer = [sys.executable, str(REPO / "kandinsky5_train_network.py")]
-        rows = {
-            "python -c 'import torch' (peer)": (time_to_exit, [sys.executable, "-c", "import torch"]),
-            "kandinsky5_train_network.py --help": (time_to_exit, [*trainer, "--help"]),
-            "process start -> first step done": (time_to_first_step, [*trainer, *train_args]),
-        }
+        trees = {"": (REPO, None)}
+        if args.baseline_src:
+            trees["baseline: "] = (Path(args.baseline_src), Path(args.baseline_src))
+        rows = {"python -c 'import torch' (peer)": (time_to_exit, [sys.executable, "-c", "import torch"], None)}
+        for label, (root, src) in trees.items():
+            trainer = [sys.executable, str(root / "kandinsky5_train_network.py")]
+            rows[f"{label}--help"] = (time_to_exit, [*trainer, "--help"], src)
+            rows[f"{label}start -> first step done"] = (time_to_first_step, [*trainer, *train_args], src)
         best: dict[str, float] = {}
         for _ in range(args.repeats):
-            for name, (fn, cmd) in rows.items():
-                best[name] = min(best.get(name, float("inf")), fn(cmd))
+            for name, (fn, cmd, src) in rows.items():
+                best[name] = min(best.get(name, float("inf")), fn(cmd, src))
     peer = best["python -c 'import torch' (peer)"]
     print(f"{'command':<40} {'best s':>8} {'x import torch':>15}")
     for name, seconds in best.items():
