@@ -141,9 +141,15 @@ def test_an_option_without_the_option_it_belongs_to_is_refused(k5_bundle, cached
 
 
 def test_the_dependent_option_table_names_real_options():
+    from musubi_tuner.training.args import check_dependent_options
+
     dests = {a.dest for a in setup_parser_common()._actions}
     for dest, parents in DEPENDENT_OPTIONS:
         assert dest in dests and set(parents) <= dests, (dest, parents)
+    # piecewise_constant is the one built-in schedule that reads --lr_scheduler_args
+    check_dependent_options(
+        setup_parser_common().parse_args(["--lr_scheduler", "piecewise_constant", "--lr_scheduler_args", "step_rules='1:2,0.1'"])
+    )
 
 
 def test_missing_optional_dependencies_are_reported_before_the_dit_loads(k5_bundle, cached, tmp_path, capsys):

@@ -503,6 +503,8 @@ def check_dependent_options(args: argparse.Namespace, parser: argparse.ArgumentP
     """
     defaults = vars((parser or setup_parser_common()).parse_args([]))
     for dest, parents in DEPENDENT_OPTIONS:
+        if dest == "lr_scheduler_args" and getattr(args, "lr_scheduler", None) == "piecewise_constant":
+            continue  # piecewise_constant reads its step_rules from --lr_scheduler_args
         if _given(args, defaults, dest) and not any(_given(args, defaults, p) for p in parents):
             needs = " or ".join("--" + p for p in parents)
             raise UserError(f"--{dest} has no effect without {needs}; add {needs} or drop --{dest}")
