@@ -5,6 +5,9 @@
 noise and ``t`` come from a hash of its cache file name, so a run with N processes and a one-process run over the
 same global batch (gradient accumulation N) see identical inputs. Each process appends ``{"items", "loss"}`` per
 training forward to ``<output_dir>/losses_<process>.jsonl``. The script module must offer ``setup_parser()``.
+
+``python tests/dist_harness.py cache-toy <dataset_config> <record_dir>`` caches the toy architecture's dataset through
+the shared caching drivers and records which process encoded which item.
 """
 
 from __future__ import annotations
@@ -76,9 +79,42 @@ def read_losses(output_dir: Path, accumulation: int = 1) -> dict[str, list[tuple
     return {k: sorted(v) for k, v in per_item.items()}
 
 
+def cache_toy(dataset_config: str, record_dir: str) -> None:
+    """Cache a toy dataset through the shared latent and text drivers; each process records the items it encoded
+    in ``<record_dir>/encoded_<process>.txt`` (one ``latent:<name>`` / ``text:<name>`` per line)."""
+    import argparse
+    import os
+
+    from toy_arch import ARCH, encode_pixels, encode_text
+
+    from musubi_tuner.dataset.latent_caching import cache_latents
+    from musubi_tuner.dataset.text_caching import cache_text_encoder_outputs
+
+    record = Path(record_dir) / f"encoded_{os.environ.get('RANK', '0')}.txt"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    ns = argparse.Namespace(dataset_config=dataset_config, num_workers=1, skip_existing=False, keep_cache=False, batch_size=None)
+
+    def latents(batch):
+        with record.open("a", encoding="utf-8") as f:
+            f.writelines(f"latent:{it.cache_path.name}\n" for it in batch.items)
+        lat = encode_pixels(batch.pixels)
+        return [{"latents": lat[i]} for i in range(lat.shape[0])]
+
+    def texts(items):
+        with record.open("a", encoding="utf-8") as f:
+            f.writelines(f"text:{it.cache_path.name}\n" for it in items)
+        return [{"varlen_ctx": encode_text(it.caption)} for it in items]
+
+    cache_latents(ns, architecture=ARCH, encode=latents)
+    cache_text_encoder_outputs(ns, architecture=ARCH, encode=texts)
+
+
 @cli_entry
 def main() -> None:
-    run(sys.argv[1], sys.argv[2:])
+    if sys.argv[1] == "cache-toy":
+        cache_toy(sys.argv[2], sys.argv[3])
+    else:
+        run(sys.argv[1], sys.argv[2:])
 
 
 if __name__ == "__main__":

@@ -241,3 +241,34 @@ def test_fsdp_config_with_block_swap_stops_the_trainer_at_start(tmp_path, monkey
 def test_check_sharding_passes_for_a_plain_request():
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     check_sharding_request(ShardingConfig.from_env(env), _args(), cuda_available=False, env=env)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# caching with two processes
+
+
+@pytest.mark.slow
+def test_caching_with_two_processes_writes_each_item_once(tmp_path):
+    from toy_arch import write_image_dataset
+
+    reference = write_image_dataset(tmp_path / "data", 5)  # five items: an uneven split; cached by one process
+    one_dir = tmp_path / "data" / "train_cache"
+    two_dir = tmp_path / "two_cache"
+    two_dir.mkdir()
+    (two_dir / "gone_00000-001_0032x0032_wan.safetensors").write_bytes(b"stale")  # removed once all are done
+    config = tmp_path / "two.toml"
+    config.write_text(reference.read_text().replace(one_dir.as_posix(), two_dir.as_posix()))
+    _launch(
+        [*TORCHRUN, "--master_port", "29563", str(HARNESS), "cache-toy", str(config), str(tmp_path / "records")],
+        _env(),
+    )
+    records = {p.name: p.read_text().split() for p in (tmp_path / "records").glob("encoded_*.txt")}
+    assert sorted(records) == ["encoded_0.txt", "encoded_1.txt"]
+    encoded = records["encoded_0.txt"] + records["encoded_1.txt"]
+    assert len(encoded) == len(set(encoded)) == 10  # 5 latents + 5 captions, each encoded by exactly one process
+    assert all(records.values()) and {len(v) for v in records.values()} == {4, 6}  # 3 + 2 items per kind
+    one = sorted(p.name for p in one_dir.iterdir())
+    assert sorted(p.name for p in two_dir.iterdir()) == one and len(one) == 10
+    for name in one:
+        a, b = load_file(str(one_dir / name)), load_file(str(two_dir / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
