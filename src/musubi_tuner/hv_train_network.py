@@ -58,6 +58,7 @@ from musubi_tuner.training.validation import should_validate, validation_loss
 from musubi_tuner.utils.dtypes import parse_dtype
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
+from musubi_tuner.utils.model_loading import release_freed_heap
 
 logger = get_logger(__name__)
 
@@ -587,6 +588,7 @@ class NetworkTrainer:
             _cast_floating(run.transformer, run.dit_weight_dtype)
         shard_model(run.transformer, run.sharding, accelerator.device)
         gc.collect()
+        release_freed_heap()  # the full weights just freed: give the pages back before the next process loads
         local, total = local_parameter_share(run.transformer)
         logger.info(
             f"FSDP2: process {accelerator.process_index} of {accelerator.num_processes} holds {local:,} of {total:,} "
