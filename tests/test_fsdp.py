@@ -45,6 +45,7 @@ class ArchCase:
     spec: str  # "module:TrainerClass" of its train script
     argv: Callable[[Path], list[str]]  # trainer argv (tiny bundle, cached dataset, output dir)
     generate_with: Callable[[Path, Path], Path]  # (LoRA file, work dir) -> generator output, LoRA applied
+    sample_argv: Callable[[Path], list[str]]  # options for sampling during training with this prompt file
 
 
 def _k5_case(tmp: Path, bundle) -> ArchCase:
@@ -75,7 +76,11 @@ def _k5_case(tmp: Path, bundle) -> ArchCase:
                   "--output", str(out)])  # fmt: skip
         return out
 
-    return ArchCase("musubi_tuner.kandinsky5_train_network:Kandinsky5NetworkTrainer", argv, generate_with)
+    def sample_argv(prompts: Path) -> list[str]:
+        return ["--sample_prompts", str(prompts), "--vae", str(bundle.vae), "--text_encoder_qwen", str(bundle.text_encoder_qwen),
+                "--text_encoder_clip", str(bundle.text_encoder_clip)]  # fmt: skip
+
+    return ArchCase("musubi_tuner.kandinsky5_train_network:Kandinsky5NetworkTrainer", argv, generate_with, sample_argv)
 
 
 # one line per implemented architecture: name -> builder(tmp dir, request) -> ArchCase
@@ -115,8 +120,11 @@ def _assert_close_lora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], a
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one_process_and_resume_exactly(arch_case, tmp_path):
     # (1) torchrun with the environment `accelerate launch --config_file configs/accelerate_fsdp2.yaml` exports:
-    # 2 CPU processes over gloo, state saved at step 2
+    # 2 CPU processes over gloo, state saved at step 2, one sample before the first step (every process runs the
+    # sharded forwards, process 0 saves)
     sharded = tmp_path / "sharded"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --w 64 --h 64 --f 5 --s 2 --d 7\n", encoding="utf-8")
     log = _launch(
         [
             *TORCHRUN,
@@ -129,9 +137,13 @@ def test_fsdp2_two_processes_match_one_process_and_resume_exactly(arch_case, tmp
             "2",
             "--save_state",
             "--gradient_checkpointing",
-        ],  # fmt: skip
+            "--sample_at_first",
+            *arch_case.sample_argv(prompts),
+        ],
         _env(**FSDP_ENV),
     )
+    samples = sorted(p.name for p in (sharded / "sample").iterdir())
+    assert len(samples) == 1 and "_000000_00_" in samples[0], samples
     shares = _shares(log)
     assert sorted(shares) == [0, 1], log[-3000:]
     assert all(0.45 <= s <= 0.55 for s in shares.values()), shares  # each process holds about half of the DiT
@@ -166,7 +178,7 @@ def test_fsdp2_two_processes_match_one_process_and_resume_exactly(arch_case, tmp
             "--gradient_checkpointing",
             "--resume",
             str(sharded / "lora-step00000002-state"),
-        ],  # fmt: skip
+        ],
         _env(**FSDP_ENV),
     )
     _assert_close_lora(load_file(str(resumed / "lora.safetensors")), lora_sharded, 1e-7)
