@@ -1,10 +1,11 @@
-"""FSDP2 sharded training on CPU (gloo): two processes against one, sharded resume, start-up errors.
+"""FSDP2 sharded training on CPU (gloo): two processes against one, sharded resume, start-up errors, caching.
 
 Every architecture is one entry of ``ARCHS`` (its trainer class, a tiny bundle with caches, and its generator), so
 the two-process test runs for each implemented architecture. Noise and timesteps are fixed per item
 (``dist_harness.py``), which makes two processes with one batch each and one process accumulating both batches see
 the same global batch: with SGD the per-item losses must agree to 1e-5 (relative) and the LoRA weights to 1e-5
-(absolute; they are float32 sums in another order).
+(absolute; they are float32 sums in another order). The runs use scaled fp8 base weights (fp8 shards are gathered),
+gradient checkpointing, validation and a sample during training.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def _k5_case(tmp: Path, bundle) -> ArchCase:
     from musubi_tuner.kandinsky5_cache_text_encoder_outputs import main as cache_text
 
     ds = write_synthetic_video_dataset(tmp / "data", n_videos=2, n_images=0, seed=1)
+    val = write_synthetic_video_dataset(tmp / "val", n_videos=1, n_images=0, seed=2)  # one batch for two processes
+    with ds.video_toml.open("a", encoding="utf-8") as f:
+        f.write(f'\n[[datasets]]\nvideo_directory = "{val.video_dir.as_posix()}"\ncache_directory = "{val.video_cache_dir.as_posix()}"\n'
+                'target_frames = [17]\nframe_extraction = "head"\nvalidation = true\n')  # fmt: skip
     cache_latents(["--dataset_config", str(ds.video_toml), "--vae", str(bundle.vae), "--device", "cpu",
                    "--vae_dtype", "float32", "--seed", "0"])  # fmt: skip
     cache_text(["--dataset_config", str(ds.video_toml), "--text_encoder_qwen", str(bundle.text_encoder_qwen),
@@ -63,7 +68,9 @@ def _k5_case(tmp: Path, bundle) -> ArchCase:
         return ["--task", bundle.task, "--dit", str(bundle.dit), "--dataset_config", str(ds.video_toml),
                 "--network_module", "networks.lora_kandinsky", "--network_dim", "4", "--network_alpha", "4",
                 "--output_dir", str(out), "--output_name", "lora", "--optimizer_type", "SGD", "--learning_rate", "0.5",
-                "--max_data_loader_n_workers", "0", "--seed", "1", "--dit_dtype", "float32", "--max_train_steps", "4"]  # fmt: skip
+                "--max_data_loader_n_workers", "0", "--seed", "1", "--dit_dtype", "float32", "--max_train_steps", "4",
+                "--fp8_base", "--fp8_scaled", "--validate_every_n_steps", "2", "--log_with", "jsonl",
+                "--logging_dir", str(out / "logs")]  # fmt: skip
 
     def generate_with(lora: Path, work: Path) -> Path:
         from musubi_tuner.kandinsky5_generate_video import main as generate
@@ -108,6 +115,12 @@ def _launch(cmd: list[str], env: dict[str, str]) -> str:
 def _shares(log: str) -> dict[int, float]:
     found = re.findall(r"FSDP2: process (\d) of 2 holds ([\d,]+) of ([\d,]+) DiT parameters", log)
     return {int(p): int(a.replace(",", "")) / int(b.replace(",", "")) for p, a, b in found}
+
+
+def _validation_losses(out: Path) -> dict[int, float]:
+    (metrics,) = (out / "logs").glob("*/metrics.jsonl")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return {r["step"]: r["loss/validation"] for r in rows if "loss/validation" in r}
 
 
 def _assert_close_lora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
@@ -158,6 +171,10 @@ def test_fsdp2_two_processes_match_one_process_and_resume_exactly(arch_case, tmp
         assert [s for s, _ in curve] == [s for s, _ in losses_single[item]] == [0, 1, 2, 3], item
         for (_, a), (_, b) in zip(curve, losses_single[item]):
             assert a == pytest.approx(b, rel=LOSS_RTOL), item
+    # validation: one batch, so the second process runs a padded round; the mean is the one-process value
+    val_sharded = _validation_losses(sharded)
+    assert sorted(val_sharded) == [2, 4]
+    assert val_sharded == pytest.approx(_validation_losses(single), rel=LOSS_RTOL)
     lora_sharded = load_file(str(sharded / "lora.safetensors"))
     _assert_close_lora(lora_sharded, load_file(str(single / "lora.safetensors")), LORA_ATOL)
     with safe_open(str(sharded / "lora.safetensors"), "pt") as f, safe_open(str(single / "lora.safetensors"), "pt") as g:
@@ -182,6 +199,7 @@ def test_fsdp2_two_processes_match_one_process_and_resume_exactly(arch_case, tmp
         _env(**FSDP_ENV),
     )
     _assert_close_lora(load_file(str(resumed / "lora.safetensors")), lora_sharded, 1e-7)
+    assert _validation_losses(resumed)[4] == pytest.approx(val_sharded[4], rel=1e-6)
     assert {k: [s + 2 for s, _ in v] for k, v in read_losses(resumed).items()} == {
         k: [s for s, _ in v if s >= 2] for k, v in losses_sharded.items()
     }
