@@ -36,6 +36,7 @@ from musubi_tuner.training.args import (
     setup_parser_common,
 )
 from musubi_tuner.training.data import EpochSyncedDataset, make_loader
+from musubi_tuner.training.fsdp import ShardingConfig, check_sharding_request, local_parameter_share, shard_model, take_turns
 from musubi_tuner.training.lr_schedulers import current_lrs, get_lr_scheduler
 from musubi_tuner.training.metadata import bucket_resolution, dataset_metadata, finalize_metadata, training_metadata
 from musubi_tuner.training.noise import apply_noise_options
@@ -58,6 +59,7 @@ from musubi_tuner.training.validation import should_validate, validation_loss
 from musubi_tuner.utils.dtypes import parse_dtype
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
+from musubi_tuner.utils.model_loading import release_freed_heap
 
 logger = get_logger(__name__)
 
@@ -109,6 +111,8 @@ class _Run:
     state: resume_mod.TrainState = field(default_factory=resume_mod.TrainState)
     resume_dir: Path | None = None
     resumed_state: resume_mod.TrainState | None = None
+    sharding: ShardingConfig | None = None  # an FSDP config is active: the frozen DiT is sharded (training/fsdp.py)
+    base_weights_merged: bool = False
     updates_per_epoch: int = 1
     num_epochs: int = 1
     loss_window: deque = field(default_factory=deque)
@@ -366,8 +370,15 @@ class NetworkTrainer:
         self._load_datasets(run)
         self._setup_accelerator(run)
         self._prepare_sampling(run)
-        self._load_dit(run)
-        self._create_network(run)
+        if run.sharding is None:
+            self._load_dit(run)
+            self._create_network(run)
+        else:
+            # one process of a host at a time loads the DiT into host memory, applies the network and shards it
+            for _ in take_turns(run.accelerator):
+                self._load_dit(run)
+                self._create_network(run)
+                self._shard_dit(run)
         self._create_optimizer_and_loader(run)
         self._prepare(run)
         self._resume(run)
@@ -475,7 +486,15 @@ class NetworkTrainer:
     def _setup_accelerator(self, run: _Run) -> None:
         args = run.args
         tracker_run = run.resumed_state.tracker_run_name if run.resumed_state else None
-        run.accelerator = prepare_accelerator(args, tracker_run)
+        run.sharding = ShardingConfig.from_env()
+        if run.sharding is not None:
+            check_sharding_request(run.sharding, args, cuda_available=torch.cuda.is_available())
+            if run.sharding.activation_checkpointing and not args.gradient_checkpointing:
+                logger.info("fsdp_activation_checkpointing: true → --gradient_checkpointing (the model's own checkpointing)")
+                args.gradient_checkpointing = True
+            if run.sharding.wrap_classes:
+                logger.info("fsdp_transformer_layer_cls_to_wrap is ignored: the model's transformer block lists are sharded")
+        run.accelerator = prepare_accelerator(args, tracker_run, sharded=run.sharding is not None)
         from accelerate.utils import set_seed
 
         # seed + process index: each process draws its own noise; the data order uses the shared seed and the
@@ -501,7 +520,8 @@ class NetworkTrainer:
     def _load_dit(self, run: _Run) -> None:
         args, accelerator = run.args, run.accelerator
         self.blocks_to_swap = args.blocks_to_swap or 0
-        loading_device = "cpu" if self.blocks_to_swap > 0 else accelerator.device
+        # sharded runs load into host memory; shard_model moves each block's shard to the device
+        loading_device = "cpu" if self.blocks_to_swap > 0 or run.sharding is not None else accelerator.device
         transformer = self.load_transformer(
             accelerator, args, args.dit, self.attn_mode, args.split_attn, loading_device, run.dit_weight_dtype
         )
@@ -537,7 +557,8 @@ class NetworkTrainer:
             mult = args.base_weights_multiplier[i] if args.base_weights_multiplier else 1.0
             sd = self.convert_weight_keys(load_file(path))
             merger = _first(module.create_arch_network_from_weights(mult, sd, unet=transformer, for_inference=True))
-            merger.merge_to(None, transformer, sd, run.dit_dtype, "cpu" if self.blocks_to_swap else run.accelerator.device)
+            on_host = self.blocks_to_swap or run.sharding is not None
+            merger.merge_to(None, transformer, sd, run.dit_dtype, "cpu" if on_host else run.accelerator.device)
             logger.info(f"merged base weights {path} x {mult}")
         run.net_kwargs = parse_network_args(args.network_args)
         if args.dim_from_weights:
@@ -590,6 +611,23 @@ class NetworkTrainer:
         run.network_dtype = next((p.dtype for p in network.parameters()), torch.float32)
         run.network = network
 
+    def _shard_dit(self, run: _Run) -> None:
+        """FSDP2: cast the loaded DiT to its weight dtype and shard it per transformer block (training/fsdp.py)."""
+        import gc
+
+        accelerator = run.accelerator
+        assert run.sharding is not None
+        if run.dit_weight_dtype is not None:
+            _cast_floating(run.transformer, run.dit_weight_dtype)
+        shard_model(run.transformer, run.sharding, accelerator.device)
+        gc.collect()
+        release_freed_heap()  # the full weights just freed: give the pages back before the next process loads
+        local, total = local_parameter_share(run.transformer)
+        logger.info(
+            f"FSDP2: process {accelerator.process_index} of {accelerator.num_processes} holds {local:,} of {total:,} "
+            f"DiT parameters ({100.0 * local / max(1, total):.1f}%)"
+        )
+
     def _create_optimizer_and_loader(self, run: _Run) -> None:
         args, accelerator = run.args, run.accelerator
         params, run.lr_descriptions = run.network.prepare_optimizer_params(unet_lr=args.learning_rate)
@@ -611,11 +649,13 @@ class NetworkTrainer:
         args, accelerator = run.args, run.accelerator
         # the frozen DiT is not prepared (no DDP wrapper, nothing of it in states); the network is not DDP-wrapped
         # either because its forward is never called: gradients are averaged by one manual all-reduce (§20 #7)
-        if self.blocks_to_swap == 0:
+        if run.sharding is not None:
+            pass  # placed and cast by _shard_dit
+        elif self.blocks_to_swap == 0:
             run.transformer.to(accelerator.device)
         else:
             run.transformer.prepare_block_swap_before_forward()
-        if run.dit_weight_dtype is not None and self.blocks_to_swap == 0:
+        if run.dit_weight_dtype is not None and self.blocks_to_swap == 0 and run.sharding is None:
             _cast_floating(run.transformer, run.dit_weight_dtype)
         if args.compile:
             run.transformer = self.compile_transformer(args, run.transformer)

@@ -27,6 +27,7 @@ from musubi_tuner.dataset.cache_format import (
 from musubi_tuner.dataset.config import DatasetParams, resolve_datasets
 from musubi_tuner.dataset.loading import ItemPlanner, LatentItem, LoadedItem
 from musubi_tuner.dataset.media import MediaError
+from musubi_tuner.dataset.processes import caching_processes
 from musubi_tuner.dataset.sources import list_items
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
@@ -221,7 +222,9 @@ def cache_latents(
     """Cache the latents of every dataset of ``args.dataset_config`` with the architecture's ``encode``.
 
     ``encode(batch)`` returns one dict of named tensors per item (``latents`` ``(C, F, H, W)``, ``latents_image``,
-    ``varlen_*``...); names become keys via ``cache_format.cache_key``.
+    ``varlen_*``...); names become keys via ``cache_format.cache_key``. Launched with several processes, each
+    encodes every N-th source item (all clips of one source stay in one process); process 0 removes stale caches
+    once all are done.
     """
     arch = architecture if isinstance(architecture, ArchInfo) else arch_info(architecture)
     datasets = resolve_datasets(args.dataset_config, architecture=arch, args=args, runtime_params=runtime_params)
@@ -229,6 +232,7 @@ def cache_latents(
     debug_mode = getattr(args, "debug_mode", None)
     workers = default_num_workers(args)
     expected: dict[Path, set[Path]] = {}
+    share = caching_processes()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for params in datasets:
             planner, groups = plan_dataset(params, arch, skip_corrupt=skip_corrupt, pool=pool)
@@ -238,7 +242,8 @@ def cache_latents(
             if debug_mode:
                 from musubi_tuner.dataset.debug import show_items
 
-                show_items(args, params, planner, groups, debug_mode)
+                if share.is_main:
+                    show_items(args, params, planner, groups, debug_mode)
                 continue
             if getattr(args, "skip_existing", False):
                 kept = [[it for it in g if not _is_current(it.cache_path, arch)] for g in groups]
@@ -246,12 +251,12 @@ def cache_latents(
                 groups = [g for g in kept if g]
                 logger.info(f"{params.table}: {skipped} items skipped (cache exists and matches), {len(items) - skipped} to encode")
             failed: set[Path] = set()
+            groups = share.take(groups)
             _encode_dataset(params, planner, groups, pool, encode, arch, args, workers, skip_corrupt, failed)
             # an item that became undecodable is no longer part of the dataset: its old cache is stale too
             expected[Path(params.cache_directory).resolve()] -= failed
-    if debug_mode:
-        return
-    if getattr(args, "keep_cache", False):
+    share.wait()
+    if debug_mode or getattr(args, "keep_cache", False) or not share.is_main:
         return
     removed = delete_stale(expected, latent_cache_glob(arch.short))
     if removed:

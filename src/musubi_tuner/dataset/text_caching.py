@@ -32,6 +32,7 @@ from musubi_tuner.dataset.cache_format import (
 )
 from musubi_tuner.dataset.config import DatasetParams, resolve_datasets
 from musubi_tuner.dataset.latent_caching import delete_stale
+from musubi_tuner.dataset.processes import caching_processes
 from musubi_tuner.dataset.sources import list_items
 from musubi_tuner.utils.atomic import save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
@@ -142,6 +143,7 @@ def cache_text_encoder_outputs(
     Items are batched per dataset (image and video datasets never share a call). ``extra_metadata`` (e.g. the
     template and max length an encoder used) is stored, and a cache with other values is re-encoded; it may be a
     function of the dataset (``DatasetParams -> dict``) when the values differ per dataset (e.g. video vs image template).
+    Launched with several processes, each encodes every N-th caption; process 0 removes stale caches at the end.
     """
     arch = architecture if isinstance(architecture, ArchInfo) else arch_info(architecture)
     datasets = resolve_datasets(args.dataset_config, architecture=arch, args=args, runtime_params=runtime_params)
@@ -155,6 +157,8 @@ def cache_text_encoder_outputs(
     if getattr(args, "skip_existing", False):
         todo = [it for it in items if _needs_encoding(it.cache_path, arch, it.caption, extras[it.dataset.index])]
         logger.info(f"{len(items) - len(todo)} TE caches skipped (exist and match), {len(todo)} to encode")
+    share = caching_processes()
+    todo = share.take(todo)
     with tqdm(total=len(todo), desc="encoding captions", unit="caption") as bar:
         for params in datasets:
             mine = [it for it in todo if it.dataset is params]
@@ -167,7 +171,8 @@ def cache_text_encoder_outputs(
                 for it, named in zip(batch, outputs):
                     write_te_cache(it.cache_path, named, arch, it.caption, extras[it.dataset.index])
                 bar.update(len(batch))
-    if not getattr(args, "keep_cache", False):
+    share.wait()
+    if share.is_main and not getattr(args, "keep_cache", False):
         removed = delete_stale(expected, te_cache_glob(arch.short))
         if removed:
             logger.info(f"removed {removed} stale {arch.short} TE caches")

@@ -27,6 +27,7 @@ from musubi_tuner.dataset.buckets import BucketSelector
 from musubi_tuner.dataset.cache_format import latent_cache_glob, parse_latent_cache_name, read_header
 from musubi_tuner.dataset.config import DatasetParams
 from musubi_tuner.dataset.latent_caching import LatentBatch
+from musubi_tuner.dataset.processes import process_device
 from musubi_tuner.dataset.text_caching import TextItem
 from musubi_tuner.kandinsky5.configs import TaskConfig
 from musubi_tuner.kandinsky5.text_encoders import CLIP_MAX_LENGTH, qwen_max_length_for, template_mode_for
@@ -41,7 +42,10 @@ VAE_DTYPE_DEFAULTS = {"hunyuan_video": torch.float16, "flux1": torch.bfloat16}  
 
 
 def resolve_device(name: str | None, *, flag: str = "--device") -> torch.device:
-    """``--device``: None → ``cuda`` when available, else ``cpu``; an unusable device is a ``UserError``."""
+    """``--device``: None → ``cuda`` when available, else ``cpu``; an unusable device is a ``UserError``.
+
+    Caching with several processes: None / ``cuda`` → ``cuda:<local rank>`` (``dataset.processes.process_device``)."""
+    name = process_device(name)
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

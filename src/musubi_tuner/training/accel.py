@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -56,8 +57,12 @@ def _log_with(args: Any, project_dir: str | None) -> list[Any] | None:
     return {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[choice]
 
 
-def prepare_accelerator(args: Any, tracker_run: str | None = None):
-    """Build the ``Accelerator``; ``tracker_run`` reuses a run directory name (resume continues the same curves)."""
+def prepare_accelerator(args: Any, tracker_run: str | None = None, *, sharded: bool = False):
+    """Build the ``Accelerator``; ``tracker_run`` reuses a run directory name (resume continues the same curves).
+
+    ``sharded``: an FSDP config is active and the trainer shards the frozen DiT itself (``training.fsdp``), so
+    accelerate is built as for data-parallel training. Processes launched as a group that end up outside one
+    process group are refused (they would train unsynchronised)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
 
@@ -95,15 +100,19 @@ def prepare_accelerator(args: Any, tracker_run: str | None = None):
         )
     # several processes without CUDA: accelerate only sets up MULTI_CPU (gloo, working barriers) with cpu=True
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=multi_cpu,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=project_dir),
-        dynamo_plugin=dynamo,
-        kwargs_handlers=kwargs_handlers,
-    )
+    from musubi_tuner.training.fsdp import check_world, fsdp_env_hidden
+
+    with fsdp_env_hidden() if sharded else contextlib.nullcontext():
+        accelerator = Accelerator(
+            cpu=multi_cpu,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=project_dir),
+            dynamo_plugin=dynamo,
+            kwargs_handlers=kwargs_handlers,
+        )
+    check_world(accelerator)
     accelerator.tracker_run_name = Path(project_dir).name if project_dir else None
     if accelerator.num_processes > 1:
         logger.info(

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from musubi_tuner.training.fsdp import is_sharded
 from musubi_tuner.training.sample_output import save_sample
 from musubi_tuner.utils.log import get_logger
 
@@ -128,7 +129,10 @@ def sample_images(
     if swap:
         model.switch_block_swap_for_inference()
     try:
-        with preserved_rng(), torch.no_grad(), accelerator.split_between_processes(sample_parameters) as mine:
+        # a sharded DiT runs collectives in every forward: every process generates every prompt, process 0 saves
+        sharded = is_sharded(model)
+        split = contextlib.nullcontext(sample_parameters) if sharded else accelerator.split_between_processes(sample_parameters)
+        with preserved_rng(), torch.no_grad(), split as mine:
             for raw in mine:
                 params = resolve_sample_parameters(
                     raw,
@@ -144,7 +148,7 @@ def sample_images(
                 else:
                     generator.seed()
                 video = trainer.do_inference(accelerator, args, params, vae, dit_dtype, model, generator)
-                if video is None:
+                if video is None or (sharded and not accelerator.is_main_process):
                     continue
                 base = sample_base_path(args.output_dir, args.output_name, tag, int(params.get("enum", 0)), seed)
                 metadata = _sample_metadata(trainer, args, params, generator.initial_seed(), step)

@@ -8,10 +8,12 @@ Logs ``loss/validation`` (mean over quantiles) and ``loss/validation/q<q>`` per 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from musubi_tuner.training.fsdp import is_sharded
 from musubi_tuner.training.timesteps import TimestepSampler, t_from_uniform
 from musubi_tuner.utils.log import get_logger
 
@@ -46,8 +48,16 @@ def validation_loss(
     network.train(False)
     try:
         with torch.no_grad():
-            for index in range(accelerator.process_index, len(group), accelerator.num_processes):
-                batch = group[index]
+            n, world = len(group), accelerator.num_processes
+            # a sharded DiT runs collectives in every forward: every process runs the same number of batches (the
+            # last round is padded with batch 0, whose loss is not counted)
+            rounds = math.ceil(n / world) if is_sharded(transformer) else None
+            indices = (
+                range(accelerator.process_index, rounds * world, world) if rounds else range(accelerator.process_index, n, world)
+            )
+            for index in indices:
+                counted = index < n
+                batch = group[index if counted else 0]
                 latents = trainer.scale_shift_latents(batch["latents"]).to(accelerator.device)
                 hw = (int(latents.shape[-2]), int(latents.shape[-1]))
                 ts = quantile_timesteps(trainer.timestep_sampler, quantiles, hw)
@@ -59,8 +69,9 @@ def validation_loss(
                         loss, _ = trainer.process_batch(
                             args, accelerator, transformer, latents, batch, noise, network_dtype, timesteps=tb
                         )
-                    sums[k] += float(loss)
-                count += 1
+                    if counted:
+                        sums[k] += float(loss)
+                count += int(counted)
     finally:
         network.train(was_training)
     sums = accelerator.reduce(sums, reduction="sum")

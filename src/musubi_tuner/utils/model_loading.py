@@ -85,6 +85,11 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
+def release_freed_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; no-op elsewhere), e.g. after a model was sharded."""
+    _release_freed_heap()
+
+
 def _release_freed_heap() -> None:
     """Hand freed heap pages back to the OS after a converted tensor replaced its read buffer.
 

@@ -1,0 +1,304 @@
+"""FSDP2 sharded training on CPU (gloo): two processes against one, sharded resume, start-up errors, caching.
+
+Every architecture is one entry of ``ARCHS`` (its trainer class, a tiny bundle with caches, and its generator), so
+the two-process test runs for each implemented architecture. Noise and timesteps are fixed per item
+(``dist_harness.py``), which makes two processes with one batch each and one process accumulating both batches see
+the same global batch: with SGD the per-item losses must agree to 1e-5 (relative) and the LoRA weights to 1e-5
+(absolute; they are float32 sums in another order). The runs use scaled fp8 base weights (fp8 shards are gathered),
+gradient checkpointing, validation and a sample during training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from argparse import Namespace
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from dist_harness import read_losses
+from dist_harness import run as harness_run
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from musubi_tuner.training.fsdp import ShardingConfig, check_sharding_request
+from musubi_tuner.utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = Path(__file__).with_name("dist_harness.py")
+FSDP_CONFIG = ROOT / "configs" / "accelerate_fsdp2.yaml"
+LORA_ATOL = 1e-5
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+LOSS_RTOL = 1e-5
+
+
+@dataclass
+class ArchCase:
+    """What the two-process test needs of an architecture."""
+
+    spec: str  # "module:TrainerClass" of its train script
+    argv: Callable[[Path], list[str]]  # trainer argv (tiny bundle, cached dataset, output dir)
+    generate_with: Callable[[Path, Path], Path]  # (LoRA file, work dir) -> generator output, LoRA applied
+    sample_argv: Callable[[Path], list[str]]  # options for sampling during training with this prompt file
+
+
+def _k5_case(tmp: Path, bundle) -> ArchCase:
+    from musubi_tuner.demo.synthetic_data import write_synthetic_video_dataset
+    from musubi_tuner.kandinsky5_cache_latents import main as cache_latents
+    from musubi_tuner.kandinsky5_cache_text_encoder_outputs import main as cache_text
+
+    ds = write_synthetic_video_dataset(tmp / "data", n_videos=2, n_images=0, seed=1)
+    val = write_synthetic_video_dataset(tmp / "val", n_videos=1, n_images=0, seed=2)  # one batch for two processes
+    with ds.video_toml.open("a", encoding="utf-8") as f:
+        f.write(f'\n[[datasets]]\nvideo_directory = "{val.video_dir.as_posix()}"\ncache_directory = "{val.video_cache_dir.as_posix()}"\n'
+                'target_frames = [17]\nframe_extraction = "head"\nvalidation = true\n')  # fmt: skip
+    cache_latents(["--dataset_config", str(ds.video_toml), "--vae", str(bundle.vae), "--device", "cpu",
+                   "--vae_dtype", "float32", "--seed", "0"])  # fmt: skip
+    cache_text(["--dataset_config", str(ds.video_toml), "--text_encoder_qwen", str(bundle.text_encoder_qwen),
+                "--text_encoder_clip", str(bundle.text_encoder_clip), "--device", "cpu"])  # fmt: skip
+
+    def argv(out: Path) -> list[str]:
+        return ["--task", bundle.task, "--dit", str(bundle.dit), "--dataset_config", str(ds.video_toml),
+                "--network_module", "networks.lora_kandinsky", "--network_dim", "4", "--network_alpha", "4",
+                "--output_dir", str(out), "--output_name", "lora", "--optimizer_type", "SGD", "--learning_rate", "0.5",
+                "--max_data_loader_n_workers", "0", "--seed", "1", "--dit_dtype", "float32", "--max_train_steps", "4",
+                "--fp8_base", "--fp8_scaled", "--validate_every_n_steps", "2", "--log_with", "jsonl",
+                "--logging_dir", str(out / "logs")]  # fmt: skip
+
+    def generate_with(lora: Path, work: Path) -> Path:
+        from musubi_tuner.kandinsky5_generate_video import main as generate
+
+        out = work / "generated.safetensors"
+        generate(["--task", bundle.task, "--dit", str(bundle.dit), "--vae", str(bundle.vae),
+                  "--text_encoder_qwen", str(bundle.text_encoder_qwen), "--text_encoder_clip", str(bundle.text_encoder_clip),
+                  "--prompt", "x", "--seed", "3", "--video_length", "5", "--steps", "2", "--width", "64", "--height", "64",
+                  "--output_type", "latent", "--device", "cpu", "--dtype", "float32", "--lora_weight", str(lora),
+                  "--output", str(out)])  # fmt: skip
+        return out
+
+    def sample_argv(prompts: Path) -> list[str]:
+        return ["--sample_prompts", str(prompts), "--vae", str(bundle.vae), "--text_encoder_qwen", str(bundle.text_encoder_qwen),
+                "--text_encoder_clip", str(bundle.text_encoder_clip)]  # fmt: skip
+
+    return ArchCase("musubi_tuner.kandinsky5_train_network:Kandinsky5NetworkTrainer", argv, generate_with, sample_argv)
+
+
+# one line per implemented architecture: name -> builder(tmp dir, request) -> ArchCase
+ARCHS: dict[str, Callable[[Path, pytest.FixtureRequest], ArchCase]] = {
+    "kandinsky5": lambda tmp, request: _k5_case(tmp, request.getfixturevalue("k5_bundle")),
+}
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch_case(request, tmp_path_factory) -> ArchCase:
+    return ARCHS[request.param](tmp_path_factory.mktemp(f"fsdp_{request.param}"), request)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP")}
+    return {**env, "BLISSFUL_LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1", "COLUMNS": "200", **extra}
+
+
+def _launch(cmd: list[str], env: dict[str, str]) -> str:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr + proc.stdout
+
+
+def _shares(log: str) -> dict[int, float]:
+    found = re.findall(r"FSDP2: process (\d) of 2 holds ([\d,]+) of ([\d,]+) DiT parameters", log)
+    return {int(p): int(a.replace(",", "")) / int(b.replace(",", "")) for p, a, b in found}
+
+
+def _validation_losses(out: Path) -> dict[int, float]:
+    (metrics,) = (out / "logs").glob("*/metrics.jsonl")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return {r["step"]: r["loss/validation"] for r in rows if "loss/validation" in r}
+
+
+def _assert_close_lora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (k, float((a[k] - b[k]).abs().max()))
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_process_and_resume_exactly(arch_case, tmp_path):
+    # (1) torchrun with the environment `accelerate launch --config_file configs/accelerate_fsdp2.yaml` exports:
+    # 2 CPU processes over gloo, state saved at step 2, one sample before the first step (every process runs the
+    # sharded forwards, process 0 saves)
+    sharded = tmp_path / "sharded"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --w 64 --h 64 --f 5 --s 2 --d 7\n", encoding="utf-8")
+    log = _launch(
+        [
+            *TORCHRUN,
+            "--master_port",
+            "29561",
+            str(HARNESS),
+            arch_case.spec,
+            *arch_case.argv(sharded),
+            "--save_every_n_steps",
+            "2",
+            "--save_state",
+            "--gradient_checkpointing",
+            "--sample_at_first",
+            *arch_case.sample_argv(prompts),
+        ],
+        _env(**FSDP_ENV),
+    )
+    samples = sorted(p.name for p in (sharded / "sample").iterdir())
+    assert len(samples) == 1 and "_000000_00_" in samples[0], samples
+    shares = _shares(log)
+    assert sorted(shares) == [0, 1], log[-3000:]
+    assert all(0.45 <= s <= 0.55 for s in shares.values()), shares  # each process holds about half of the DiT
+
+    # (2) one process over the same global batch (accumulating the two per-process batches)
+    single = tmp_path / "single"
+    harness_run(arch_case.spec, [*arch_case.argv(single), "--gradient_accumulation_steps", "2", "--gradient_checkpointing"])
+
+    losses_sharded, losses_single = read_losses(sharded), read_losses(single, accumulation=2)
+    assert losses_sharded.keys() == losses_single.keys() and losses_sharded
+    for item, curve in losses_sharded.items():
+        assert [s for s, _ in curve] == [s for s, _ in losses_single[item]] == [0, 1, 2, 3], item
+        for (_, a), (_, b) in zip(curve, losses_single[item]):
+            assert a == pytest.approx(b, rel=LOSS_RTOL), item
+    # validation: one batch, so the second process runs a padded round; the mean is the one-process value
+    val_sharded = _validation_losses(sharded)
+    assert sorted(val_sharded) == [2, 4]
+    assert val_sharded == pytest.approx(_validation_losses(single), rel=LOSS_RTOL)
+    lora_sharded = load_file(str(sharded / "lora.safetensors"))
+    _assert_close_lora(lora_sharded, load_file(str(single / "lora.safetensors")), LORA_ATOL)
+    with safe_open(str(sharded / "lora.safetensors"), "pt") as f, safe_open(str(single / "lora.safetensors"), "pt") as g:
+        assert f.metadata().keys() == g.metadata().keys()  # the same file format as a one-process run
+    state = json.loads((sharded / "lora-step00000002-state" / "train_state.json").read_text())
+    assert state["num_processes"] == 2 and state["current_step"] == 2
+
+    # (3) torchrun resume of the sharded state: continues exactly to the uninterrupted run's final LoRA
+    resumed = tmp_path / "resumed"
+    _launch(
+        [
+            *TORCHRUN,
+            "--master_port",
+            "29562",
+            str(HARNESS),
+            arch_case.spec,
+            *arch_case.argv(resumed),
+            "--gradient_checkpointing",
+            "--resume",
+            str(sharded / "lora-step00000002-state"),
+        ],
+        _env(**FSDP_ENV),
+    )
+    _assert_close_lora(load_file(str(resumed / "lora.safetensors")), lora_sharded, 1e-7)
+    assert _validation_losses(resumed)[4] == pytest.approx(val_sharded[4], rel=1e-6)
+    assert {k: [s + 2 for s, _ in v] for k, v in read_losses(resumed).items()} == {
+        k: [s for s, _ in v if s >= 2] for k, v in losses_sharded.items()
+    }
+
+    # (4) the generator loads the sharded run's LoRA
+    assert arch_case.generate_with(sharded / "lora.safetensors", tmp_path).is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# start-up errors: sharding that cannot engage stops before anything is loaded
+
+
+def _args(**kw) -> Namespace:
+    return Namespace(**{"blocks_to_swap": 0, "block_swap_h2d_only": False, "use_pinned_memory_for_block_swap": False, **kw})
+
+
+def test_shipped_fsdp2_config_exports_what_the_trainer_reads():
+    """``accelerate launch --config_file configs/accelerate_fsdp2.yaml`` turns the file into the FSDP environment."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(FSDP_CONFIG))
+    assert config.distributed_type == "FSDP" and config.num_processes == 2
+    assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_reshard_after_forward"] is True
+    assert config.fsdp_config["fsdp_offload_params"] is False
+
+
+def test_sharding_config_from_accelerate_env():
+    assert ShardingConfig.from_env({}) is None
+    assert ShardingConfig.from_env({"ACCELERATE_USE_FSDP": "false", "FSDP_VERSION": "2"}) is None
+    cfg = ShardingConfig.from_env({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"})
+    assert cfg == ShardingConfig(version=2, reshard_after_forward=False)
+    # accelerate's default when the config has no fsdp_version is FSDP1
+    assert ShardingConfig.from_env({"ACCELERATE_USE_FSDP": "true"}).version == 1
+    with pytest.raises(UserError, match="FSDP_VERSION='two'"):
+        ShardingConfig.from_env({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "two"})
+
+
+@pytest.mark.parametrize(
+    "env, args, cuda, message",
+    [
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, {}, False, "only FSDP2 is supported: set fsdp_version: 2"),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+            {"blocks_to_swap": 4},
+            True,
+            "--blocks_to_swap 4 cannot be combined",
+        ),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_USE_CPU": "true"}, {}, True, "use_cpu: true"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, {}, False, "fsdp_offload_params"),
+    ],
+)
+def test_sharding_that_cannot_engage_is_an_error(env, args, cuda, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_sharding_request(ShardingConfig.from_env(env), _args(**args), cuda_available=cuda, env=env)
+
+
+def test_fsdp_config_with_block_swap_stops_the_trainer_at_start(tmp_path, monkeypatch):
+    """Through the real trainer: the error comes before any model is loaded, and nothing is written."""
+    from toy_arch import common_argv, run, write_image_dataset, write_toy_dit
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    config, dit = write_image_dataset(tmp_path / "data", 2), write_toy_dit(tmp_path / "dit.safetensors")
+    with pytest.raises(UserError, match="--blocks_to_swap 1 cannot be combined with FSDP sharding"):
+        run(common_argv(config, dit, tmp_path / "out", "--blocks_to_swap", "1"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_sharding_passes_for_a_plain_request():
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    check_sharding_request(ShardingConfig.from_env(env), _args(), cuda_available=False, env=env)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# caching with two processes
+
+
+@pytest.mark.slow
+def test_caching_with_two_processes_writes_each_item_once(tmp_path):
+    from toy_arch import write_image_dataset
+
+    reference = write_image_dataset(tmp_path / "data", 5)  # five items: an uneven split; cached by one process
+    one_dir = tmp_path / "data" / "train_cache"
+    two_dir = tmp_path / "two_cache"
+    two_dir.mkdir()
+    (two_dir / "gone_00000-001_0032x0032_wan.safetensors").write_bytes(b"stale")  # removed once all are done
+    config = tmp_path / "two.toml"
+    config.write_text(reference.read_text().replace(one_dir.as_posix(), two_dir.as_posix()))
+    _launch(
+        [*TORCHRUN, "--master_port", "29563", str(HARNESS), "cache-toy", str(config), str(tmp_path / "records")],
+        _env(),
+    )
+    records = {p.name: p.read_text().split() for p in (tmp_path / "records").glob("encoded_*.txt")}
+    assert sorted(records) == ["encoded_0.txt", "encoded_1.txt"]
+    encoded = records["encoded_0.txt"] + records["encoded_1.txt"]
+    assert len(encoded) == len(set(encoded)) == 10  # 5 latents + 5 captions, each encoded by exactly one process
+    assert all(records.values()) and {len(v) for v in records.values()} == {4, 6}  # 3 + 2 items per kind
+    one = sorted(p.name for p in one_dir.iterdir())
+    assert sorted(p.name for p in two_dir.iterdir()) == one and len(one) == 10
+    for name in one:
+        a, b = load_file(str(one_dir / name)), load_file(str(two_dir / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
