@@ -158,3 +158,63 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 MEMORY_HOOKS = Kandinsky5MemoryHooks()
+
+
+def estimate_k5_generation(args: argparse.Namespace) -> dict[str, Any]:
+    """``kandinsky5_generate_video.py --estimate_memory``: the generation estimate for parsed, validated arguments."""
+    from blissful_tuner.generation_loop import load_jobs
+    from musubi_tuner.kandinsky5.generate.plan import validate_job
+    from musubi_tuner.kandinsky5.models.loading import load_dit
+    from musubi_tuner.memory.generation import GenerationPlan, estimate_generation, weights_bytes
+    from musubi_tuner.memory.run import resolve_gpu_total
+    from musubi_tuner.utils.dtypes import parse_dtype
+
+    task = args.task_config
+    jobs = load_jobs(args, validate=validate_job)  # the same per-line checks as a real run (sizes, frames, images)
+    shapes = sorted({tuple(job.args.k5_plan.latent_shape) for job in jobs}, key=lambda s: s[0] * s[1] * s[2])
+    notes = ["--lora_weight: LoRAs are merged on load and add no memory; they are not read"] if args.lora_weight else []
+    nabla = any(job.args.k5_plan.nabla for job in jobs)
+    if nabla:
+        notes.append("NABLA attention is not traceable: estimated with dense attention memory (spec §11)")
+    notes.append("VAE decode activations are not modelled (weights only; tiling settings change them most)")
+    dtype = parse_dtype(args.dit_dtype, torch.bfloat16, flag="--dit_dtype") if args.dit_dtype else torch.bfloat16
+
+    def build() -> torch.nn.Module:
+        return load_dit(task, args.dit, device="cpu", dtype=dtype, fp8_scaled=args.fp8_scaled, attn_mode="sdpa")
+
+    def inputs_for(shape: tuple[int, int, int]):
+        def make(dit: torch.nn.Module) -> dict[str, Any]:
+            f, h, w = shape
+            cfg = dit.config
+            return {
+                "x": torch.empty(1, f, h, w, dit.in_channels, dtype=dit.compute_dtype),
+                "text_embed": torch.empty(1, task.qwen_max_length, cfg["in_text_dim"], dtype=dit.compute_dtype),
+                "pooled_text_embed": torch.empty(1, cfg["in_text_dim2"], dtype=dit.compute_dtype),
+                "time": torch.empty(1),
+            }
+
+        return make
+
+    te = {}
+    qwen = weights_bytes(args.text_encoder_qwen)
+    if getattr(args, "quantized_qwen", False):
+        qwen = qwen * 9 // 32  # NF4: 4 bits + block absmax ≈ 4.5 bits per bf16 parameter
+        notes.append("Qwen2.5-VL in NF4: weights estimated at 4.5 bits/parameter")
+    te["Qwen2.5-VL"] = (qwen, not getattr(args, "text_encoder_cpu", False))
+    te["CLIP"] = (weights_bytes(args.text_encoder_clip), True)
+    vae = weights_bytes(args.vae) if args.vae else 0
+    state = [4 * 16 * f * h * w * 4 for f, h, w in shapes]  # x, noise, two velocities (CFG) in fp32
+    gpu_total, gpu_name = resolve_gpu_total(args)
+    biggest = shapes[-1]
+    plan = GenerationPlan(
+        title=f"kandinsky5 {task.name} generation — latent {biggest[0]}x{biggest[1]}x{biggest[2]} — GPU {gpu_name}",
+        build_dit=build,
+        dit_inputs=[inputs_for(s) for s in shapes],
+        call_dit=lambda dit, kw: dit(**kw),
+        sampler_state=state,
+        blocks_to_swap=int(args.blocks_to_swap or 0),
+        text_encoders=te,
+        vae=vae,
+        notes=notes,
+    )
+    return estimate_generation(args, plan, gpu_total, gpu_name, "kandinsky5")
