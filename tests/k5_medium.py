@@ -34,16 +34,27 @@ TEXT_LEN = 64
 RANK = 16
 
 
-def write_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A random bf16 single-file DiT in the official layout, with its constructor arguments in the metadata."""
+# A quarter of the parameters, for tests that run several real CPU steps (bf16 matmuls are slow on CPUs)
+SMALL_CONFIG = {**CONFIG, "model_dim": 256, "ff_dim": 1024, "axes_dims": (8, 12, 12)}
+
+
+def write_checkpoint(path: Path, seed: int = 0, config: dict | None = None, fp8: bool = False) -> Path:
+    """A random bf16 single-file DiT in the official layout, with its constructor arguments in the metadata;
+    ``fp8`` writes it pre-quantised (block-scaled fp8 with ``scale_weight`` keys, the K5 targets)."""
     import json
 
     from musubi_tuner.kandinsky5.models.dit import DiffusionTransformer3D
+    from musubi_tuner.kandinsky5.models.loading import k5_fp8_config
+    from musubi_tuner.modules.fp8_optimization import quantize_state_dict
 
+    config = config or CONFIG
     torch.manual_seed(seed)
-    model = DiffusionTransformer3D(**CONFIG)
+    model = DiffusionTransformer3D(**config)
     sd = {k: (torch.randn_like(v) * 0.02).to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    meta = {DIT_CONFIG_METADATA_KEY: json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in CONFIG.items()})}
+    if fp8:
+        linear = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        sd = quantize_state_dict(sd, k5_fp8_config(), linear)
+    meta = {DIT_CONFIG_METADATA_KEY: json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in config.items()})}
     save_safetensors_atomic(sd, path, meta)
     return path
 

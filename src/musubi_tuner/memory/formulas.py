@@ -72,11 +72,12 @@ def max_blocks_to_swap(model: nn.Module, training: bool) -> int:
     """The largest ``--blocks_to_swap`` whose split the offloader accepts (N-2 per list in training, N-1 otherwise)."""
     lists = model._block_lists()
     keep = 2 if training else 1
-    best = 0
+    best, most = 0, 0
     for s in range(1, sum(len(b) for b in lists) + 1):
         split = model._split_blocks_to_swap(s, training=training)
-        if all(n <= max(0, len(b) - keep) for b, n in zip(lists, split)):
-            best = s
+        # the smallest count giving the most swapped blocks (models cap their split, larger counts change nothing)
+        if all(n <= max(0, len(b) - keep) for b, n in zip(lists, split)) and sum(split) > most:
+            best, most = s, sum(split)
     return best
 
 
