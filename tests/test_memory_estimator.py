@@ -5,6 +5,7 @@ the formulas, and the CLI on the tiny bundle (reading no tensor data, JSON schem
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -161,3 +162,17 @@ def test_formulas_against_independent_values():
     assert formulas.allocator_slack(1000, c, False, False) == 100
     assert formulas.allocator_slack(1000, c, True, True) == 80
     assert formulas.activation_offload_saved([]) == 0 and formulas.activation_offload_saved([3, 5, 2]) == 5
+
+
+def test_measured_calibration_is_used_for_its_gpu_only(tmp_path, monkeypatch):
+    from musubi_tuner.memory import run
+
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps([{"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.9", "cuda": "12.8",
+                                 "constants": {"cuda_context": 123, "slack": 0.07, "unknown": 1}}]))  # fmt: skip
+    monkeypatch.setattr(run, "CALIBRATION_FILE", path)
+    c = run.load_calibration("NVIDIA H100 80GB HBM3")
+    assert c.cuda_context == 123 and c.slack == 0.07 and c.source.startswith("measured on NVIDIA H100")
+    assert c.cublas_workspace == formulas.DEFAULT_CALIBRATION.cublas_workspace  # not measured: default
+    assert run.load_calibration("NVIDIA GeForce RTX 4090").source == "default constants"
+    assert run.load_calibration("").source == "default constants"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,20 @@ def resolve_gpu_total(args: Any) -> tuple[int, str]:
     return int(DEFAULT_GPU_GB * GiB), f"default {DEFAULT_GPU_GB:g} GiB (no GPU found)"
 
 
-def load_calibration() -> Calibration:
-    """The calibration constants shipped with the package for this GPU, else the defaults (said in the report)."""
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")  # written by bench/memory_calibration.py
+
+
+def load_calibration(gpu_name: str | None = None) -> Calibration:
+    """The measured constants shipped for this GPU (``CALIBRATION_FILE``), else the defaults (said in the report)."""
+    if gpu_name is None:
+        gpu_name = detect_gpu()[2]
+    if not gpu_name or not CALIBRATION_FILE.is_file():
+        return DEFAULT_CALIBRATION
+    for entry in json.loads(CALIBRATION_FILE.read_text(encoding="utf-8")):
+        if entry.get("gpu") and entry["gpu"] in gpu_name:
+            known = {k: v for k, v in entry.get("constants", {}).items() if k in Calibration.__dataclass_fields__}
+            source = f"measured on {entry['gpu']} (torch {entry.get('torch')}, CUDA {entry.get('cuda')})"
+            return replace(DEFAULT_CALIBRATION, source=source, **known)
     return DEFAULT_CALIBRATION
 
 
@@ -40,7 +53,7 @@ def estimate_training(trainer: Any, run: Any) -> dict[str, Any]:
         raise UserError(f"--sample_prompts: file not found: {args.sample_prompts}")
     hooks = load_hooks(trainer.architecture_full_name)
     shape = hooks.step_shape(args, trainer, run.train_group)
-    calibration = load_calibration()
+    calibration = load_calibration(detect_gpu()[2])
     gpu_total, gpu_name = resolve_gpu_total(args)
     margin = args.memory_margin
     with quiet_logs():
