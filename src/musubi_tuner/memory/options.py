@@ -46,6 +46,8 @@ def check_memory_args(args: argparse.Namespace) -> None:
     if args.gpu_memory is not None and args.gpu_memory <= 0:
         raise UserError(f"--gpu_memory must be > 0 GB, got {args.gpu_memory}")
     gpu_sizes(args)
+    if args.estimate_device != "cpu":  # traces run on fake CPU tensors (never touch or initialise a GPU; spec §3.1)
+        raise UserError(f"--estimate_device {args.estimate_device}: only cpu is supported")
     wants = [f for f in ("gpu", "suggest", "frames_sweep", "estimate_json") if getattr(args, f, None)]
     if wants and not args.estimate_memory:
         raise UserError(f"--{wants[0]} is an option of the memory estimate; add --estimate_memory (or use estimate_memory.py)")

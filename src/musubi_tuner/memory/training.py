@@ -161,10 +161,19 @@ def trace_training_step(trainer: Any, args: Any, hooks: ArchMemoryHooks, shape: 
     run.accelerator = TraceAccelerator(settings.mixed_precision)
     trainer._resolve_dit_dtypes(run)
     kind = _optimizer_kind(settings.optimizer)
+    extra_notes = []
+    attn_mode = getattr(trainer, "attn_mode", "sdpa")
+    if attn_mode != "sdpa":  # other backends' kernels cannot run on fake CPU tensors; their memory is flash-style too
+        extra_notes.append(f"attention backend {attn_mode} traced as PyTorch SDPA (same O(L) memory class)")
+        trainer.attn_mode = "sdpa"
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = LiveTensorTracker(round_to=CUDA_ALLOCATION_GRANULARITY)
+    try:
+        with header_only_reads(), fake:
+            trainer._load_dit(run)
+    finally:
+        trainer.attn_mode = attn_mode
     with header_only_reads(), fake:
-        trainer._load_dit(run)
         trainer._create_network(run)
         transformer = run.transformer
         if run.dit_weight_dtype is not None:
@@ -217,7 +226,7 @@ def trace_training_step(trainer: Any, args: Any, hooks: ArchMemoryHooks, shape: 
         largest_weight=largest,
         optimizer_traced=optimizer is not None,
         attention=attention,
-        notes=list(notes),
+        notes=extra_notes + list(notes),
     )
     del run, transformer, traced_dit, optimizer, batch, params, trainable
     gc.collect()
