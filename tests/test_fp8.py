@@ -319,3 +319,87 @@ def test_fp8_fast_config_checks(tmp_path):
     assert lin[0].fp8_use_scaled_mm is False
     x = torch.randn(3, 32)
     torch.testing.assert_close(lin(x), x @ dequantize_weight(q, s, torch.float32).T + lin[0].bias, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fp8 Linear backward: no dequantised copy kept for backward (specs/memory_estimator.md §3.4)
+
+
+def _fp8_linear_layer(mode: str | None, dtype: torch.dtype, bias_grad: bool = False) -> tuple[nn.Linear, torch.Tensor]:
+    """A Linear with an fp8 weight, patched like a loaded one; returns it and its high-precision reference weight."""
+    torch.manual_seed(3)
+    lin = nn.Linear(128, 64).to(dtype)
+    holder = nn.Sequential(lin)
+    if mode is None:  # plain --fp8_base
+        cast_to_fp8_base(holder)
+        ref = lin.weight.detach()
+    else:
+        q, scale = quantize_weight(lin.weight.detach(), mode, 32)
+        lin.weight = nn.Parameter(q, requires_grad=False)
+        apply_fp8_monkey_patch(holder, {"0.scale_weight": scale})
+        ref = q
+    lin.bias.requires_grad_(bias_grad)
+    return lin, ref
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["block", "channel", "tensor", None])
+def test_fp8_linear_gradients_equal_dequantise_then_linear(mode, x_dtype, autocast):
+    lin, q = _fp8_linear_layer(mode, torch.bfloat16, bias_grad=True)
+    x = torch.randn(3, 5, 128, dtype=x_dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    bias_ref = lin.bias.detach().clone().requires_grad_(True)
+    g = torch.randn(3, 5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = lin(x)
+        w = dequantize_weight(q, lin.scale_weight, x_dtype) if mode else q.to(x_dtype)
+        y_ref = nn.functional.linear(x_ref, w, bias_ref.to(x_dtype))
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    y.backward(g.to(y.dtype))
+    y_ref.backward(g.to(y_ref.dtype))
+    assert x.grad.dtype == x_dtype and torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(lin.bias.grad, bias_ref.grad)
+
+
+@pytest.mark.parametrize("mode", ["block", None])
+def test_fp8_linear_saves_no_high_precision_weight_for_backward(mode):
+    lin, q = _fp8_linear_layer(mode, torch.bfloat16)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(4, 128, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lin(x)
+    # only the fp8 weight (and its scale) are kept: no dequantised weight, and not the input (the weight is frozen)
+    assert [(tuple(t.shape), t.dtype) for t in saved if t.numel() >= q.numel()] == [(tuple(q.shape), q.dtype)]
+    assert not any(t.shape == x.shape for t in saved)
+    y.sum().backward()
+    assert x.grad is not None and lin.weight.grad is None
+
+
+def test_fp8_linear_backward_with_lora_and_loha(tmp_path):
+    """Adapters on fp8 Linears train: their parameters get the gradients of the same layer run in high precision."""
+    from musubi_tuner.networks import loha, lora
+
+    _, path = _tiny_checkpoint(tmp_path, dtype=torch.float32)
+    for factory in (lora.create_arch_network, loha.create_arch_network):
+        grads = []
+        for fp8 in (False, True):
+            torch.manual_seed(0)
+            model = _meta_tiny()
+            cfg = Fp8Config(mode="block", block_size=32, targets=("blocks",), excludes=("norm",)) if fp8 else None
+            load_weights_into_model(model, path, fp8=cfg, progress=False)
+            model.requires_grad_(False)
+            net = factory(1.0, 4, 4, None, None, model)
+            net.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+            for p in net.parameters():
+                if p.ndim == 2:
+                    nn.init.normal_(p, std=0.05)  # non-zero up/down so every adapter parameter gets a gradient
+            model(torch.randn(2, 64, generator=torch.Generator().manual_seed(1))).square().mean().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        assert grads[1].abs().sum() > 0
+        assert _rel_err(grads[1], grads[0]) < 0.05  # fp8 rounding of the frozen weights only

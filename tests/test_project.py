@@ -95,7 +95,7 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
 def test_scripts_run_from_their_source_path():
     """DESIGN: ``python src/musubi_tuner/<script>.py`` works too (its folder is then first on sys.path)."""
     scripts = ["kandinsky5_cache_latents", "kandinsky5_cache_text_encoder_outputs", "kandinsky5_train_network"]
-    scripts += ["kandinsky5_generate_video", "merge_lora", "convert_lora"]
+    scripts += ["kandinsky5_generate_video", "merge_lora", "convert_lora", "estimate_memory"]
     for name in scripts:
         proc = subprocess.run(
             [sys.executable, str(ROOT / "src" / "musubi_tuner" / f"{name}.py"), "--help"], capture_output=True, text=True

@@ -37,6 +37,7 @@ def test_every_common_option_is_consumed():
     """§20 #10: each option of the common parser is read somewhere in the trainer code."""
     code = (SRC / "hv_train_network.py").read_text() + "".join(p.read_text() for p in (SRC / "training").glob("*.py"))
     code += (SRC / "modules" / "attention.py").read_text()  # attention flags are read by attention_mode_from_args
+    code += "".join(p.read_text() for p in (SRC / "memory").glob("*.py"))  # the --estimate_memory options
     parser = setup_parser_common()
     unused = []
     for action in parser._actions:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from musubi_tuner.memory.options import check_memory_args
 from musubi_tuner.training import resume as resume_mod
 from musubi_tuner.training.accel import (
     apply_cuda_flags,
@@ -368,6 +369,11 @@ class NetworkTrainer:
         run = _Run(args=args)
         self._start_session(run)
         self._load_datasets(run)
+        if getattr(args, "estimate_memory", False):
+            from musubi_tuner.memory.run import estimate_training
+
+            estimate_training(self, run)  # headers only: nothing is loaded, no CUDA context
+            return
         self._setup_accelerator(run)
         self._prepare_sampling(run)
         if run.sharding is None:
@@ -389,6 +395,7 @@ class NetworkTrainer:
 
         apply_cuda_flags(args)
         check_unsupported_hf(args)
+        check_memory_args(args)
         if not args.dataset_config:
             raise UserError("--dataset_config is required")
         if not args.dit and not args.show_timesteps:
@@ -500,6 +507,10 @@ class NetworkTrainer:
         # seed + process index: each process draws its own noise; the data order uses the shared seed and the
         # network's initial weights are broadcast from process 0
         set_seed(args.seed, device_specific=True)
+        self._resolve_dit_dtypes(run)
+
+    def _resolve_dit_dtypes(self, run: _Run) -> None:
+        args = run.args
         run.dit_dtype = parse_dtype(getattr(args, "dit_dtype", None), torch.bfloat16, flag="--dit_dtype")
         if args.fp8_scaled:
             run.dit_weight_dtype = None
@@ -607,7 +618,9 @@ class NetworkTrainer:
             logger.info(f"loaded network weights {args.network_weights}: {info}")
         if args.gradient_checkpointing:
             transformer.enable_gradient_checkpointing(args.gradient_checkpointing_cpu_offload)
-        network.to(run.accelerator.device)
+        device = torch.device(run.accelerator.device)
+        if any(t.device != device for t in [*network.parameters(), *network.buffers()]):
+            network.to(device)  # (skipped when already there: the memory estimator's fake tensors cannot be swapped)
         run.network_dtype = next((p.dtype for p in network.parameters()), torch.float32)
         run.network = network
 

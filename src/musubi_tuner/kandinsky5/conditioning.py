@@ -69,9 +69,15 @@ def build_dit_input(
 
 def loss_frame_weights(num_frames: int, indices: list[int], exclude_conditioned: bool = True) -> torch.Tensor:
     """Per-frame loss weights ``(F,)``: 0 on conditioned frames (their predictions are discarded at inference)."""
-    weights = torch.ones(num_frames)
+    return torch.tensor(loss_frame_weight_list(num_frames, indices, exclude_conditioned))
+
+
+def loss_frame_weight_list(num_frames: int, indices: list[int], exclude_conditioned: bool = True) -> list[float]:
+    """``loss_frame_weights`` as a list, computed without tensors (the memory estimator traces the step on fake tensors)."""
+    weights = [1.0] * num_frames
     if exclude_conditioned and indices and len(indices) < num_frames:
-        weights[indices] = 0.0
+        for i in indices:
+            weights[i] = 0.0
     return weights
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from musubi_tuner.hv_train_network import DiTOutput, NetworkTrainer
-from musubi_tuner.kandinsky5.conditioning import loss_frame_weights
+from musubi_tuner.kandinsky5.conditioning import loss_frame_weight_list
 from musubi_tuner.kandinsky5.configs import TaskConfig, get_task_config, task_names
 from musubi_tuner.kandinsky5.training import (
     NablaSettings,
@@ -184,8 +184,8 @@ class Kandinsky5NetworkTrainer(NetworkTrainer):
         pred = channels_first(inputs.call(transformer))
         target = noise - latents
         frames = latents.shape[2]
-        weights = loss_frame_weights(frames, inputs.indices, exclude_conditioned=not args.loss_on_conditioned_frames)
-        return DiTOutput(pred=pred, target=target, extra={"frame_weights": weights.tolist()})
+        weights = loss_frame_weight_list(frames, inputs.indices, exclude_conditioned=not args.loss_on_conditioned_frames)
+        return DiTOutput(pred=pred, target=target, extra={"frame_weights": weights})
 
     def compute_loss(self, args, output: DiTOutput, t: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """Weighted MSE over the frames that count (I2V: conditioned frames excluded unless asked)."""

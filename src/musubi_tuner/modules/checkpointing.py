@@ -34,6 +34,23 @@ def record_saved_activation_devices() -> Iterator[list[torch.device]]:
         _observers.remove(seen)
 
 
+_kept_observers: list[list[int]] = []
+
+
+@contextlib.contextmanager
+def record_kept_input_bytes() -> Iterator[list[int]]:
+    """Record, per checkpointed block call in forward, the bytes of the positional tensor inputs checkpointing keeps.
+
+    These are what ``--gradient_checkpointing_cpu_offload`` moves to the host (the memory estimator's offload formula).
+    """
+    seen: list[int] = []
+    _kept_observers.append(seen)
+    try:
+        yield seen
+    finally:
+        _kept_observers.remove(seen)
+
+
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj)
@@ -74,6 +91,11 @@ def checkpoint_block(fn: Callable[..., Any], *args: Any, enabled: bool, cpu_offl
     """
     if not enabled or not torch.is_grad_enabled():
         return fn(*args, **kwargs)
+    if _kept_observers:
+        kept: list[int] = []
+        _map_tensors(args, lambda t: kept.append(t.untyped_storage().nbytes()) or t)
+        for seen in _kept_observers:
+            seen.append(sum(kept))
     if not cpu_offload:
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
     devices: list[torch.device] = []

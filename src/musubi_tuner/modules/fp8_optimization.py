@@ -151,25 +151,85 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype |
     dtype = dtype or scale.dtype
     compute = torch.promote_types(dtype, scale.dtype)
     s = scale.to(compute)
+    # one weight-sized temporary (the copy), scaled in place
+    w = q.to(compute, copy=True)
     if scale.ndim == 3:
         out_features, nb, _ = scale.shape
-        w = (q.to(compute).view(out_features, nb, -1) * s).view(q.shape)
+        w.view(out_features, nb, -1).mul_(s)
     else:
-        w = q.to(compute) * s
+        w.mul_(s)
     return w.to(dtype)
 
 
+class _Fp8Linear(torch.autograd.Function):
+    """``y = x · Wᵀ + b`` with ``W`` dequantised from its fp8 storage in forward *and again in backward*.
+
+    Plain ``F.linear(x, dequantize(q, scale), b)`` makes autograd keep the dequantised high-precision copy of every
+    frozen weight until backward (without gradient checkpointing fp8 then needs more memory than bf16). This function
+    saves only ``q`` and ``scale`` (both already resident) and never the input: the base weight is frozen, so no weight
+    gradient needs it. Input gradients are the same matmul the plain path runs, in the same compute dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, q, scale, bias, use_scaled_mm):  # noqa: D102 - see the class docstring
+        compute = _compute_dtype(x)
+        ctx.compute_dtype = compute
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(q, scale)
+        if use_scaled_mm:
+            return _scaled_mm_linear(x, q, scale, bias)
+        w = _dequantize_or_upcast(q, scale, compute)
+        return F.linear(x, w, bias.to(compute) if bias is not None else None)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102 - see the class docstring
+        q, scale = ctx.saved_tensors
+        grad_x = grad_bias = None
+        grad_out = grad_out.to(ctx.compute_dtype)
+        if ctx.needs_input_grad[0]:
+            w = _dequantize_or_upcast(q, scale, ctx.compute_dtype)
+            grad_x = grad_out.matmul(w)
+            del w
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, grad_bias, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` computes in for ``x``: the autocast dtype when autocast is on for ``x``'s device."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _dequantize_or_upcast(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_weight(q, scale, dtype) if scale is not None else q.to(dtype)
+
+
+def fp8_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, use_scaled_mm: bool = False
+) -> torch.Tensor:
+    """Linear layer on an fp8 weight ``q`` (scaled when ``scale`` is given, plain fp8 otherwise).
+
+    Numerically ``F.linear(x, W, b)`` with ``W = q · scale`` (or ``q`` upcast) in ``x``'s compute dtype, but autograd
+    keeps no dequantised copy of ``W`` for backward (see ``_Fp8Linear``).
+    """
+    if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+        if use_scaled_mm:
+            return _scaled_mm_linear(x, q, scale, bias)
+        compute = _compute_dtype(x)
+        return F.linear(x, _dequantize_or_upcast(q, scale, compute), bias.to(compute) if bias is not None else None)
+    return _Fp8Linear.apply(x, q, scale, bias, use_scaled_mm)
+
+
 def _fp8_scaled_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if self.fp8_use_scaled_mm and x.shape[-1] % 16 == 0 and self.weight.shape[0] % 16 == 0:
-        return _scaled_mm_linear(x, self.weight, self.scale_weight, self.bias)
-    w = dequantize_weight(self.weight, self.scale_weight, x.dtype)
-    bias = self.bias.to(x.dtype) if self.bias is not None else None
-    return F.linear(x, w, bias)
+    fast = self.fp8_use_scaled_mm and x.shape[-1] % 16 == 0 and self.weight.shape[0] % 16 == 0
+    return fp8_linear(x, self.weight, self.scale_weight, self.bias, use_scaled_mm=fast)
 
 
 def _fp8_upcast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    bias = self.bias.to(x.dtype) if self.bias is not None else None
-    return F.linear(x, self.weight.to(x.dtype), bias)
+    return fp8_linear(x, self.weight, None, self.bias)
 
 
 def _scaled_mm_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

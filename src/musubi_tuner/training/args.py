@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from musubi_tuner.memory.options import add_memory_args
 from musubi_tuner.utils.errors import UserError
 
 TIMESTEP_METHODS = (
@@ -326,6 +327,7 @@ def setup_parser_common() -> argparse.ArgumentParser:
     g.add_argument("--dit", type=str, default=None, help="DiT weights; required")
     g.add_argument("--vae", type=str, default=None, help="VAE weights (needed for sampling)")
     g.add_argument("--vae_dtype", type=str, default=None, help="VAE dtype (default: the architecture's)")
+    add_memory_args(p)
     return p
 
 

@@ -218,10 +218,9 @@ def _load(
             module.register_buffer("scale_weight", scale.to(device))
             result.fp8_linears.append(mk[: -len(".weight")])
         else:
-            stored_ptr = t.data_ptr()
-            t = _convert(t, mk, module, leaf, dtype, tensor_fp8, hook, keep_in_fp32, reader, fk, device, result)
-            _assign(module, leaf, t, requires_grad)
-            if t.data_ptr() != stored_ptr:
+            converted = _convert(t, mk, module, leaf, dtype, tensor_fp8, hook, keep_in_fp32, reader, fk, device, result)
+            _assign(module, leaf, converted, requires_grad)
+            if converted is not t:  # (identity, not data_ptr: the memory estimator loads fake tensors, which have none)
                 _release_freed_heap()
         if bar is not None:
             bar.update()

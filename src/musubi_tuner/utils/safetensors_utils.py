@@ -11,6 +11,8 @@ size, so a truncated or foreign file is a ``UserError`` naming it. ``.pt/.pth`` 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import re
@@ -268,6 +270,8 @@ class WeightsReader:
         return t.to(device) if torch.device(device).type != "cpu" else t
 
     def _read(self, info: TensorInfo) -> torch.Tensor:
+        if _HEADER_ONLY.get():
+            return torch.empty(info.shape, dtype=info.dtype)
         nbytes = info.end - info.start
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
@@ -323,6 +327,10 @@ def _pread(f, view: memoryview, info: TensorInfo, done: int) -> int:
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    if _HEADER_ONLY.get():
+        raise UserError(
+            f"{path}: only safetensors headers can be read without loading the weights; convert the file to .safetensors"
+        )
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -342,6 +350,20 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise UserError(f"{path}: does not hold a state dict of tensors")
     return obj
+
+
+_HEADER_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("header_only_reads", default=False)
+
+
+@contextlib.contextmanager
+def header_only_reads() -> Iterator[None]:
+    """Inside this block ``WeightsReader`` reads no tensor data: each tensor is ``torch.empty`` of its header's shape and
+    dtype (a fake tensor under ``FakeTensorMode``). The memory estimator runs the real loaders this way."""
+    token = _HEADER_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _HEADER_ONLY.reset(token)
 
 
 def open_weights(path_or_paths: PathLike | Iterable[PathLike]) -> WeightsReader:

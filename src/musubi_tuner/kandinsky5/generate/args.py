@@ -16,6 +16,7 @@ from blissful_tuner.blissful_core import add_blissful_generation_args, add_bliss
 from blissful_tuner.media_output import check_output_type
 from musubi_tuner.kandinsky5.caching import resolve_device
 from musubi_tuner.kandinsky5.configs import TaskConfig, get_task_config, task_names
+from musubi_tuner.memory.options import add_memory_args, check_memory_args
 from musubi_tuner.modules.attention import attention_mode_from_args
 from musubi_tuner.modules.fp8_optimization import check_scaled_mm_supported
 from musubi_tuner.utils.errors import UserError
@@ -133,6 +134,7 @@ def setup_parser() -> argparse.ArgumentParser:
 
     add_blissful_generation_args(p)
     add_blissful_k5_args(p)
+    add_memory_args(p)
     return p
 
 
@@ -183,6 +185,7 @@ def _apply_optimized(args: argparse.Namespace, task: TaskConfig, device: torch.d
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line; every check that needs no model runs here (exit 2 on a user error)."""
     args = setup_parser().parse_args(argv)
+    check_memory_args(args)
     _merge_aliases(args)
     if args.perp_neg is not None:
         raise UserError("--perp_neg is not available for Kandinsky 5 (use --cfg_schedule / --cfgzerostar_scaling)")

@@ -1,0 +1,147 @@
+"""Real-size memory estimates for docs/memory.md (the table between the ``memory-table`` markers), and the speed of a
+real-size estimate (specs/memory_estimator.md §10 test 7).
+
+Usage: python bench/memory_table.py [--write docs/memory.md] [--rows lite|all]
+
+No weights are needed: for each variant a *sparse* safetensors file is written whose header declares the official
+checkpoint's keys, shapes and dtypes (bf16) and whose data region is a hole (no disk space, never read). The estimator
+reads only that header — exactly what it reads of a real checkpoint — and traces the trainer's step on fake tensors.
+The step shape is given directly (no dataset): batch 1, 512x512 px, 61 frames (latent 16x16x64x64, 16 384 tokens),
+256 text tokens, LoRA rank 32 on the default K5 targets, AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from musubi_tuner.kandinsky5.configs import dit_params_for, get_task_config
+from musubi_tuner.kandinsky5.memory import MEMORY_HOOKS
+from musubi_tuner.kandinsky5.models.dit import DiffusionTransformer3D
+from musubi_tuner.kandinsky5_train_network import Kandinsky5NetworkTrainer, setup_parser
+from musubi_tuner.memory.estimate import TrainingEstimator, budget
+from musubi_tuner.memory.formulas import DEFAULT_CALIBRATION, GiB
+from musubi_tuner.memory.hooks import StepShape
+from musubi_tuner.memory.training import Settings, quiet_logs
+
+ROWS = [
+    # (task, label, settings)
+    ("k5-lite-t2v-5s-sd", "Lite, GC, bf16 autocast", Settings(mixed_precision="bf16", gradient_checkpointing=True)),
+    ("k5-lite-t2v-5s-sd", "Lite, GC + fp8", Settings(mixed_precision="bf16", gradient_checkpointing=True, fp8=True)),
+    ("k5-lite-t2v-5s-sd", "Lite, fp8, no GC", Settings(mixed_precision="bf16", fp8=True)),
+    ("k5-pro-t2v-5s-sd", "Pro, GC + fp8", Settings(mixed_precision="bf16", gradient_checkpointing=True, fp8=True)),
+    (
+        "k5-pro-t2v-5s-sd",
+        "Pro, GC + fp8 + swap 40",
+        Settings(mixed_precision="bf16", gradient_checkpointing=True, fp8=True, blocks_to_swap=40),
+    ),
+]
+SIZES = (24, 48, 80)
+LATENT = (16, 16, 64, 64)
+TEXT_LEN = 256
+
+
+def write_sparse_checkpoint(task: str, path: Path) -> Path:
+    """A safetensors file with the official keys/shapes (bf16) whose data is a hole (header only on disk)."""
+    params = dit_params_for(get_task_config(task))
+    with torch.device("meta"):
+        model = DiffusionTransformer3D(**params)
+    header, offset = {}, 0
+    for key, t in model.state_dict().items():
+        n = t.numel() * 2
+        header[key] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+def estimate_rows(rows=ROWS) -> list[dict]:
+    out = []
+    with tempfile.TemporaryDirectory() as tmp, quiet_logs():
+        ckpts: dict[str, Path] = {}
+        estimators: dict[str, TrainingEstimator] = {}
+        for task, label, settings in rows:
+            if task not in ckpts:
+                ckpts[task] = write_sparse_checkpoint(task, Path(tmp) / f"{task}.safetensors")
+                argv = ["--task", task, "--dit", str(ckpts[task]), "--dataset_config", "unused.toml",
+                        "--network_module", "networks.lora_kandinsky", "--network_dim", "32", "--network_alpha", "32",
+                        "--output_dir", tmp, "--output_name", "x", "--max_data_loader_n_workers", "2"]  # fmt: skip
+                args = setup_parser().parse_args(argv)
+                trainer = Kandinsky5NetworkTrainer()
+                trainer._validate_and_init(args)
+                shape = StepShape(
+                    batch=1,
+                    latent=LATENT,
+                    text_len=TEXT_LEN,
+                    details={"latent_dtype": "F32", "text_dim": 3584, "pooled_dim": 768, "text_dtype": "BF16"},
+                )
+                estimators[task] = TrainingEstimator(trainer, args, MEMORY_HOOKS, shape, DEFAULT_CALIBRATION)
+            t0 = time.time()
+            pred = estimators[task].predict(settings)
+            out.append(
+                {
+                    "label": label,
+                    "task": task,
+                    "flags": " ".join(settings.flags()),
+                    "traced": pred.trace.result.peak,
+                    "predicted": pred.predicted_peak,
+                    "host": pred.host["peak"],
+                    "seconds": time.time() - t0,
+                }
+            )
+            print(f"{label}: predicted {pred.predicted_peak / GiB:.2f} GiB ({time.time() - t0:.1f} s)", file=sys.stderr)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = "| Variant / settings | Flags | traced (GiB) | predicted GPU (GiB) | host peak (GiB) | " + " | ".join(
+        f"{s} GB" for s in SIZES
+    )
+    lines = [head + " |", "|" + "---|" * (5 + len(SIZES))]
+    for r in rows:
+        verdicts = ["fits" if r["predicted"] <= budget(s * GiB, 0.05) else "no" for s in SIZES]
+        lines.append(
+            f"| {r['label']} | `{r['flags']}` | {r['traced'] / GiB:.2f} | {r['predicted'] / GiB:.2f} | {r['host'] / GiB:.1f} | "
+            + " | ".join(verdicts)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", type=Path, default=None, help="replace the table between the memory-table markers")
+    parser.add_argument("--rows", choices=("lite", "all"), default="all")
+    args = parser.parse_args()
+    rows = [r for r in ROWS if args.rows == "all" or "lite" in r[0]]
+    result = estimate_rows(rows)
+    text = table(result)
+    timing = ", ".join(f"{r['label']} {r['seconds']:.0f} s" for r in result)
+    print(text)
+    print(f"\nseconds per estimate (trace + formulas; a row reuses its variant's traces): {timing}")
+    if args.write:
+        doc = args.write.read_text()
+        new = re.sub(
+            r"(<!-- memory-table:start -->\n).*?(\n<!-- memory-table:end -->)",
+            lambda m: m.group(1) + text + m.group(2),
+            doc,
+            flags=re.S,
+        )
+        args.write.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
