@@ -119,6 +119,7 @@ class Recipe:
 
     sources: tuple[str, ...]
     combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None  # None: the single source as-is
+    shape: Callable[[list[int]], list[int]] | None = None  # the result's shape from the source shape (1 source)
 
 
 def _recipes_from_diffusers(keys: list[str], prefix: str) -> dict[str, Recipe]:
@@ -181,6 +182,8 @@ class ConvertedReader(WeightsReader):
     def get_shape(self, key: str) -> list[int]:
         r = self.recipes[key]
         shapes = [list(self.inner.get_shape(s)) for s in r.sources]
+        if r.shape is not None:
+            return r.shape(shapes[0])
         if len(shapes) == 1:
             return shapes[0]
         return [sum(s[0] for s in shapes), *shapes[0][1:]]
