@@ -31,6 +31,7 @@ from musubi_tuner.dataset.text_caching import TextItem
 from musubi_tuner.kandinsky5.configs import TaskConfig
 from musubi_tuner.kandinsky5.text_encoders import CLIP_MAX_LENGTH, qwen_max_length_for, template_mode_for
 from musubi_tuner.kandinsky5.vae import FLUX_VAE_SCALING_FACTOR, HUNYUAN_VAE_SCALING_FACTOR, SPATIAL_COMPRESSION, K5Vae
+from musubi_tuner.utils.devices import resolve_device  # noqa: F401  (re-exported for the K5 scripts)
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
 
@@ -38,19 +39,6 @@ logger = get_logger(__name__)
 
 NABLA_ALIGN = 128  # NABLA tiles are 8x8 tokens of the 2x2-patchified x8 latent grid: 128 px
 VAE_DTYPE_DEFAULTS = {"hunyuan_video": torch.float16, "flux1": torch.bfloat16}  # official dtypes (spec §6, §12.1)
-
-
-def resolve_device(name: str | None, *, flag: str = "--device") -> torch.device:
-    """``--device``: None → ``cuda`` when available, else ``cpu``; an unusable device is a ``UserError``."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"{flag} {name!r}: not a torch device ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{flag} {name}: CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 # ------------------------------------------------------------------------------------------------------------ latents
