@@ -18,14 +18,14 @@ from musubi_tuner.flux_2.sampling import build_img_ids, build_txt_ids, get_sched
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.images import image_to_tensor, load_image, resize_cover
 
-CfgFn = Callable[[int, torch.Tensor, torch.Tensor, float], torch.Tensor]  # (step, cond, uncond, scale) -> pred
-StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, latents (1, 128, h, w))
+CfgFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (step, cond, uncond) -> guided prediction
+StepCallback = Callable[[int, torch.Tensor, float], object]  # (step, latents (1, 128, h, w), remaining noise level)
 
 
 def check_image_size(width: int, height: int, flag: str = "--image_size") -> None:
     """FLUX.2 images must be multiples of 16 px (8× VAE, 2×2 patchify)."""
     if width <= 0 or height <= 0 or width % 16 or height % 16:
-        raise UserError(f"{flag} {width} {height}: width and height must be positive multiples of 16")
+        raise UserError(f"{flag}: width {width} and height {height} must be positive multiples of 16")
 
 
 def reference_size(image_size: tuple[int, int], target: tuple[int, int], resize: bool = True) -> tuple[int, int]:
@@ -71,12 +71,14 @@ def sample_latents(
     cfg_fn: CfgFn | None = None,
     step_callback: StepCallback | None = None,
     progress: bool = True,
+    mu: float | None = None,
 ) -> torch.Tensor:
     """Denoise one image; returns normalised latents ``(128, h, w)`` float32 on the CPU.
 
     ``ctx`` / ``ctx_neg``: ``(L, D)`` text embeddings. ``guidance``: dev's embedded guidance, or the CFG scale of
     the klein base variants (true CFG only when ``ctx_neg`` is given and the scale is not 1). ``references``:
-    normalised reference latents ``(128, hi, wi)``.
+    normalised reference latents ``(128, hi, wi)``. ``mu``: the schedule's shift exponent (default: the
+    empirical μ of the token and step counts; ``--flow_shift s`` is ``mu = ln s``).
     """
     device = torch.device(device)
     h, w = latent_hw
@@ -95,7 +97,7 @@ def sample_latents(
         img_ids = img_ids.expand(2, -1, -1)
     b = txt.shape[0]
     g = _guidance_vector(dit, guidance, b, device)
-    ts = get_schedule(num_steps, h * w).tolist()
+    ts = get_schedule(num_steps, h * w, mu=mu).tolist()
     steps = range(num_steps)
     if progress:
         from tqdm import tqdm
@@ -108,10 +110,10 @@ def sample_latents(
         pred = dit(tokens, img_ids, txt, txt_ids, t, g)[:, :n_target].float()
         if use_cfg:
             cond, uncond = pred[:1], pred[1:]
-            pred = cfg_fn(i, cond, uncond, guidance) if cfg_fn is not None else uncond + guidance * (cond - uncond)
+            pred = cfg_fn(i, cond, uncond) if cfg_fn is not None else uncond + guidance * (cond - uncond)
         x = x + (ts[i + 1] - ts[i]) * unpack_latents(pred, h, w)
         if step_callback is not None:
-            step_callback(i, num_steps, x)
+            step_callback(i, x, ts[i + 1])
     return x[0].cpu()
 
 

@@ -37,10 +37,10 @@ def shift_timesteps(t: torch.Tensor, mu: float) -> torch.Tensor:
     return out.float()
 
 
-def get_schedule(num_steps: int, image_seq_len: int) -> torch.Tensor:
-    """The ``num_steps + 1`` timesteps from 1 to 0 (float32)."""
+def get_schedule(num_steps: int, image_seq_len: int, mu: float | None = None) -> torch.Tensor:
+    """The ``num_steps + 1`` timesteps from 1 to 0 (float32); ``mu`` defaults to ``empirical_mu``."""
     t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return shift_timesteps(t, empirical_mu(image_seq_len, num_steps))
+    return shift_timesteps(t, empirical_mu(image_seq_len, num_steps) if mu is None else mu)
 
 
 def build_txt_ids(length: int, device: torch.device | str = "cpu") -> torch.Tensor:
