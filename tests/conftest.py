@@ -51,3 +51,12 @@ def synthetic_video_dataset(tmp_path_factory: pytest.TempPathFactory) -> Synthet
 def fresh_synthetic_dataset(tmp_path) -> SyntheticDataset:
     """Same content as ``synthetic_video_dataset`` but private to one test (about 0.3 s to write)."""
     return write_synthetic_video_dataset(tmp_path / "data", n_videos=4, frames=17, size=(64, 64), seed=0)
+
+
+@pytest.fixture(scope="session")
+def flux2_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny FLUX.2 bundle (seed 0), written once: klein- and dev-style DiTs (official layout), a BFL-layout
+    ``ae.safetensors``, Qwen3 and Mistral 3 HF snapshots (``musubi_tuner.demo.flux2_bundles``). Read-only."""
+    from musubi_tuner.demo.flux2_bundles import write_flux2_bundle
+
+    return write_flux2_bundle(tmp_path_factory.mktemp("flux2_bundle") / "bundle", seed=0)

@@ -46,3 +46,16 @@ def test_rerun_clears_only_the_previous_run_outputs(tmp_path):
         (tmp_path / "w" / name / "f").write_text("x")
     claim_work_dir(tmp_path / "w")
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [WORK_DIR_MARKER, "bundle"]
+
+
+@pytest.mark.slow
+def test_flux2_demo_runs_end_to_end(tmp_path, capsys):
+    main(["--arch", "flux_2", "--work_dir", str(tmp_path / "demo"), "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "=== Blissful Tuner FLUX.2 demo: done ===" in out
+    work = tmp_path / "demo"
+    assert (work / "output" / "klein_lora.safetensors").is_file()
+    assert (work / "merged" / "flux2_klein_tiny_lora.safetensors").is_file()
+    assert all(len(list((work / "images" / n).glob("*.png"))) == 1 for n in ("base", "lora", "merged", "dev"))
+    assert len(list((work / "output" / "sample").glob("*.png"))) == 3  # at first, step 1 and step 2
+    assert "LoRA-on-load vs merged DiT: 0.00 / 255" in out

@@ -189,3 +189,62 @@ def parse_blissful_args(args: argparse.Namespace, *, num_steps: int | None = Non
     if hasattr(args, "compile_dynamic") and isinstance(args.compile_dynamic, str):
         args.compile_dynamic = {"auto": None, "true": True, "false": False}[args.compile_dynamic]
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command-line pieces every generate script repeats: attention flags and alias groups
+
+# --attn_mode value → the attention flag it stands for (modules.attention validates availability).
+ATTN_MODE_FLAGS = {
+    "sdpa": "sdpa",
+    "torch": "sdpa",
+    "flash": "flash_attn",
+    "flash2": "flash_attn",
+    "flash3": "flash3",
+    "sage": "sage_attn",
+    "sageattn": "sage_attn",
+    "xformers": "xformers",
+}
+ATTN_FLAGS = ("sdpa", "flash_attn", "flash3", "sage_attn", "xformers")
+
+
+def add_attention_args(group: Any) -> None:
+    """``--sdpa/--flash_attn/--flash3/--sage_attn/--xformers`` and ``--attn_mode`` (musubi/Blissful spellings)."""
+    for dest, flag, text in (
+        ("sdpa", "--sdpa", "PyTorch scaled_dot_product_attention (default)"),
+        ("flash_attn", "--flash_attn", "FlashAttention 2"),
+        ("flash3", "--flash3", "FlashAttention 3"),
+        ("sage_attn", "--sage_attn", "SageAttention"),
+        ("xformers", "--xformers", "xformers"),
+    ):
+        group.add_argument(flag, dest=dest, action="store_true", help=text)
+    group.add_argument("--attn_mode", type=str, default=None, choices=tuple(ATTN_MODE_FLAGS), help="attention kernel")
+
+
+def resolve_attention_mode(args: argparse.Namespace) -> str:
+    """The attention backend from ``--attn_mode`` or the attention flags (which must not contradict each other)."""
+    from musubi_tuner.modules.attention import attention_mode_from_args
+
+    flags = [f for f in ATTN_FLAGS if getattr(args, f)]
+    if args.attn_mode is not None:
+        wanted = ATTN_MODE_FLAGS[args.attn_mode]
+        others = [f for f in flags if f != wanted]
+        if others:
+            raise UserError(f"--attn_mode {args.attn_mode} and --{others[0]} name different attention kernels; give one")
+        for f in ATTN_FLAGS:
+            setattr(args, f, f == wanted)
+    return attention_mode_from_args(args)
+
+
+def merge_aliases(args: argparse.Namespace, groups: tuple[tuple[tuple[str, str], ...], ...]) -> None:
+    """Give every spelling of an alias group (``((attr, flag), ...)``) the one value given; two spellings with
+    different values are a ``UserError``."""
+    for group in groups:
+        given = [(attr, flag, getattr(args, attr)) for attr, flag in group if getattr(args, attr) is not None]
+        values = {v for _, _, v in given}
+        if len(values) > 1:
+            shown = " and ".join(f"{flag} {v}" for _, flag, v in given)
+            raise UserError(f"{shown} are the same option with different values; give one")
+        value = given[0][2] if given else None
+        for attr, _ in group:
+            setattr(args, attr, value)

@@ -421,3 +421,59 @@ def run_interactive(
         if bell:
             ring_bell()
     return results
+
+
+def run_generation(
+    args: argparse.Namespace,
+    make_generator: Callable[..., Any],
+    *,
+    validate: Callable[[Job], None] | None = None,
+    read_line: Callable[[str], str] | None = None,
+    field_map: Mapping[str, Sequence[str]] | None = None,
+) -> list[Path]:
+    """The run of a generate script: one job, a ``--from_file`` batch or ``--interactive``; returns the files written.
+
+    ``make_generator(args, interactive=bool)`` builds the script's generator, which offers ``encode(job)``,
+    ``generate(job, encoded)``, ``decode_save(job, latent) -> list[Path]``, ``cache_key(job)``, ``free_dit()`` and
+    optionally ``after_encode(jobs)`` (e.g. encode reference images once the text encoders are freed). A single job
+    runs encode → generate → free the DiT → decode; a batch runs each stage for every job (``run_jobs``) and fails
+    with one ``UserError`` listing the jobs that failed; ``read_line`` replaces the console of ``--interactive``.
+    """
+    if getattr(args, "interactive", False):
+        gen = make_generator(args, interactive=True)
+        jobs_iter = interactive_jobs(args, read_line, field_map=field_map, validate=validate)
+        results = run_interactive(
+            jobs_iter, gen.encode, gen.generate, gen.decode_save, cache_key=gen.cache_key, bell=getattr(args, "bell", False)
+        )
+        return [p for r in results for p in r.outputs]
+
+    jobs = load_jobs(args, field_map=field_map, validate=validate)
+    gen = make_generator(args, interactive=False)
+    after = getattr(gen, "after_encode", None)
+    if not getattr(args, "from_file", None):
+        job = jobs[0]
+        encoded = gen.encode(job)
+        if after is not None:
+            after(jobs)
+        latent = gen.generate(job, encoded)
+        gen.free_dit()
+        files = list(gen.decode_save(job, latent))
+        if getattr(args, "bell", False):
+            ring_bell()
+        return files
+
+    results = run_jobs(
+        jobs,
+        gen.encode,
+        gen.generate,
+        gen.decode_save,
+        cache_key=gen.cache_key,
+        after_encode=(lambda: after(jobs)) if after is not None else None,
+        after_generate=gen.free_dit,
+        bell=getattr(args, "bell", False),
+    )
+    failed = [r for r in results if not r.ok]
+    if failed:
+        lines = "\n  ".join(f"{r.job.location}: {r.error}" for r in failed)
+        raise UserError(f"{len(failed)} of {len(results)} job(s) failed:\n  {lines}")
+    return [p for r in results for p in r.outputs]

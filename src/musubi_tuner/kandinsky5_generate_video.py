@@ -26,13 +26,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from blissful_tuner.generation_loop import interactive_jobs, load_jobs, run_interactive, run_jobs
-from blissful_tuner.utils import apply_precision_flags, ring_bell
+from blissful_tuner.generation_loop import run_generation
+from blissful_tuner.utils import apply_precision_flags
 from musubi_tuner.kandinsky5.generate.args import parse_args, setup_parser
 from musubi_tuner.kandinsky5.generate.generator import K5Generator
 from musubi_tuner.kandinsky5.generate.outputs import decode_saved_latents, write_outputs
 from musubi_tuner.kandinsky5.generate.plan import JobPlan, plan_job, validate_job
-from musubi_tuner.utils.errors import UserError, cli_entry
+from musubi_tuner.utils.errors import cli_entry
 
 __all__ = [
     "JobPlan",
@@ -56,40 +56,7 @@ def run(args: argparse.Namespace, *, read_line: Callable[[str], str] | None = No
     apply_precision_flags(args)
     if args.decode_from_latent:
         return decode_saved_latents(args)
-    if args.interactive:
-        gen = K5Generator(args, interactive=True)
-        jobs = interactive_jobs(args, read_line, validate=validate_job)
-        results = run_interactive(jobs, gen.encode, gen.generate, gen.decode_save, cache_key=gen.cache_key, bell=args.bell)
-        return [p for r in results for p in r.outputs]
-
-    jobs = load_jobs(args, validate=validate_job)
-    gen = K5Generator(args)
-    if not args.from_file:
-        job = jobs[0]
-        encoded = gen.encode(job)
-        gen.encode_all_images(jobs)
-        latent = gen.generate(job, encoded)
-        gen.free_dit()
-        files = gen.decode_save(job, latent)
-        if args.bell:
-            ring_bell()
-        return files
-
-    results = run_jobs(
-        jobs,
-        gen.encode,
-        gen.generate,
-        gen.decode_save,
-        cache_key=gen.cache_key,
-        after_encode=lambda: gen.encode_all_images(jobs),
-        after_generate=gen.free_dit,
-        bell=args.bell,
-    )
-    failed = [r for r in results if not r.ok]
-    if failed:
-        lines = "\n  ".join(f"{r.job.location}: {r.error}" for r in failed)
-        raise UserError(f"{len(failed)} of {len(results)} job(s) failed:\n  {lines}")
-    return [p for r in results for p in r.outputs]
+    return run_generation(args, K5Generator, validate=validate_job, read_line=read_line)
 
 
 @cli_entry

@@ -61,10 +61,3 @@ def caching_processes() -> ProcessShare:
         raise UserError(f"{world} processes were launched but {state.num_processes} joined the process group")
     logger.info(f"caching process {state.process_index} of {state.num_processes}: encoding every {world}th item")
     return ProcessShare(state.process_index, state.num_processes, state)
-
-
-def process_device(name: str | None) -> str | None:
-    """``--device`` of a caching process: with several processes, ``None``/``cuda`` become ``cuda:<local rank>``."""
-    if launched_world_size() > 1 and name in (None, "cuda") and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
-    return name

@@ -268,6 +268,12 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
+        "--arch",
+        choices=("kandinsky5", "flux_2"),
+        default="kandinsky5",
+        help="which architecture's pipeline to run (default kandinsky5; flux_2: klein- and dev-style tiny bundles)",
+    )
+    p.add_argument(
         "--prepare_only",
         action="store_true",
         help="only write <work_dir>/bundle and <work_dir>/data (for the command lines of docs/kandinsky5.md)",
@@ -280,6 +286,16 @@ def main(argv: list[str] | None = None) -> None:
     args = setup_parser().parse_args(argv)
     if args.steps < 2:
         raise UserError(f"--steps must be >= 2 (got {args.steps})")
+    if args.arch == "flux_2":
+        from musubi_tuner.demo.flux2_demo import prepare_flux2, print_flux2_summary, run_flux2_demo
+
+        if args.prepare_only:
+            prepare_flux2(args.work_dir, seed=args.seed)
+            return
+        started = time.perf_counter()
+        print_flux2_summary(run_flux2_demo(args.work_dir, steps=args.steps, seed=args.seed))
+        print(f"total time: {time.perf_counter() - started:.0f} s")
+        return
     if args.prepare_only:
         prepare(args.work_dir, seed=args.seed)
         return

@@ -27,11 +27,11 @@ from musubi_tuner.dataset.buckets import BucketSelector
 from musubi_tuner.dataset.cache_format import latent_cache_glob, parse_latent_cache_name, read_header
 from musubi_tuner.dataset.config import DatasetParams
 from musubi_tuner.dataset.latent_caching import LatentBatch
-from musubi_tuner.dataset.processes import process_device
 from musubi_tuner.dataset.text_caching import TextItem
 from musubi_tuner.kandinsky5.configs import TaskConfig
 from musubi_tuner.kandinsky5.text_encoders import CLIP_MAX_LENGTH, qwen_max_length_for, template_mode_for
 from musubi_tuner.kandinsky5.vae import FLUX_VAE_SCALING_FACTOR, HUNYUAN_VAE_SCALING_FACTOR, SPATIAL_COMPRESSION, K5Vae
+from musubi_tuner.utils.devices import resolve_device  # noqa: F401  (re-exported for the K5 scripts)
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
 
@@ -39,22 +39,6 @@ logger = get_logger(__name__)
 
 NABLA_ALIGN = 128  # NABLA tiles are 8x8 tokens of the 2x2-patchified x8 latent grid: 128 px
 VAE_DTYPE_DEFAULTS = {"hunyuan_video": torch.float16, "flux1": torch.bfloat16}  # official dtypes (spec §6, §12.1)
-
-
-def resolve_device(name: str | None, *, flag: str = "--device") -> torch.device:
-    """``--device``: None → ``cuda`` when available, else ``cpu``; an unusable device is a ``UserError``.
-
-    Caching with several processes: None / ``cuda`` → ``cuda:<local rank>`` (``dataset.processes.process_device``)."""
-    name = process_device(name)
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"{flag} {name!r}: not a torch device ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{flag} {name}: CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 # ------------------------------------------------------------------------------------------------------------ latents

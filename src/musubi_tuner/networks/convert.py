@@ -145,6 +145,72 @@ NAME_TABLES: dict[str, NameTable] = {
 }
 
 
+@dataclass(frozen=True)
+class DiffusersRenames:
+    """Official → diffusers module paths of an architecture whose diffusers model splits fused layers.
+
+    ``blocks``: ``(official list, diffusers list, {member: diffusers member(s)})``; a member mapped to n diffusers
+    modules is a fused Linear whose output rows are split in n equal parts (the LoRA ``lora_A`` is shared, ``lora_B``
+    is split row-wise — exact, since ΔW = B·A).
+    """
+
+    blocks: tuple[tuple[str, str, dict[str, tuple[str, ...]]], ...]
+
+    def targets(self, path: str) -> tuple[str, ...] | None:
+        for official, diffusers, members in self.blocks:
+            m = re.fullmatch(re.escape(official) + r"\.(\d+)\.(.+)", path)
+            if m and m[2] in members:
+                return tuple(f"{diffusers}.{m[1]}.{d}" for d in members[m[2]])
+        return None
+
+
+_F2_DOUBLE = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.linear_in",),
+    "img_mlp.2": ("ff.linear_out",),
+    "txt_mlp.0": ("ff_context.linear_in",),
+    "txt_mlp.2": ("ff_context.linear_out",),
+}
+DIFFUSERS_RENAMES: dict[str, DiffusersRenames] = {
+    "flux_2": DiffusersRenames(
+        (
+            ("double_blocks", "transformer_blocks", _F2_DOUBLE),
+            ("single_blocks", "single_transformer_blocks", {"linear1": ("attn.to_qkv_mlp_proj",), "linear2": ("attn.to_out",)}),
+        )
+    ),
+}
+
+
+def to_diffusers(
+    sd: Mapping[str, torch.Tensor], arch: str, prefix: str = "transformer", source: str = "<state dict>"
+) -> dict[str, torch.Tensor]:
+    """Any supported layout → diffusers module names (``DIFFUSERS_RENAMES``), ``lora_A/lora_B`` with alpha folded.
+
+    Only plain LoRA modules can be written (diffusers' PEFT loader has no LoHa/LoKr); others are a ``UserError``.
+    """
+    renames = DIFFUSERS_RENAMES[arch]
+    head = f"{prefix}." if prefix else ""
+    out = {}
+    for path, tensors in _canonical(sd, name_table(arch), source).items():
+        if "lora_down.weight" not in tensors:
+            raise UserError(f"{source}: module {path!r} is not a plain LoRA (LoHa/LoKr); the diffusers layout cannot hold it")
+        targets = renames.targets(path)
+        if targets is None:
+            raise UserError(f"{source}: module {path!r} has no diffusers name for {arch}")
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        alpha = tensors.get("alpha")
+        f = fold_alpha(None if alpha is None else float(alpha.float()), down.shape[0])
+        a = (down.float() * f).to(down.dtype)
+        ups = (up.float() * f).to(up.dtype).chunk(len(targets), dim=0)
+        for name, b in zip(targets, ups):
+            out[f"{head}{name}.lora_A.weight"] = a.clone()
+            out[f"{head}{name}.lora_B.weight"] = b.contiguous()
+    return out
+
+
 def name_table(arch: str) -> NameTable:
     """The table of ``arch``; ``UserError`` listing the known ones."""
     if arch not in NAME_TABLES:

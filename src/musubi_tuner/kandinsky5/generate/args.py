@@ -12,12 +12,19 @@ from pathlib import Path
 
 import torch
 
-from blissful_tuner.blissful_core import add_blissful_generation_args, add_blissful_k5_args, parse_blissful_args
+from blissful_tuner.blissful_core import (
+    ATTN_FLAGS,
+    add_attention_args,
+    add_blissful_generation_args,
+    add_blissful_k5_args,
+    merge_aliases,
+    parse_blissful_args,
+    resolve_attention_mode,
+)
 from blissful_tuner.media_output import check_output_type
 from musubi_tuner.kandinsky5.caching import resolve_device
 from musubi_tuner.kandinsky5.configs import TaskConfig, get_task_config, task_names
 from musubi_tuner.memory.options import add_memory_args, check_memory_args
-from musubi_tuner.modules.attention import attention_mode_from_args
 from musubi_tuner.modules.fp8_optimization import check_scaled_mm_supported
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
@@ -27,18 +34,6 @@ logger = get_logger(__name__)
 DEFAULT_TASK = "k5-pro-t2v-5s-sd"
 DTYPE_CHOICES = ("bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 OUTPUT_SUFFIXES = (".mp4", ".mkv", ".png")
-# --attn_mode value → the attention flag it stands for (modules.attention validates availability).
-ATTN_MODE_FLAGS = {
-    "sdpa": "sdpa",
-    "torch": "sdpa",
-    "flash": "flash_attn",
-    "flash2": "flash_attn",
-    "flash3": "flash3",
-    "sage": "sage_attn",
-    "sageattn": "sage_attn",
-    "xformers": "xformers",
-}
-ATTN_FLAGS = ("sdpa", "flash_attn", "flash3", "sage_attn", "xformers")
 # Alias groups of §12.6: canonical attribute ← (attribute, flag) spellings. Every attribute ends up with the value.
 ALIAS_GROUPS: tuple[tuple[tuple[str, str], ...], ...] = (
     (("guidance_scale", "--guidance_scale"), ("guidance", "--guidance")),
@@ -79,15 +74,7 @@ def setup_parser() -> argparse.ArgumentParser:
     m.add_argument("--disable_numpy_memmap", action="store_true", help="accepted: the streaming loader never memory-maps")
     m.add_argument("--disable_vae_workaround", action="store_true", help="accepted: the VAE always runs the exact diffusers path")
     m.add_argument("--vae_tiling", action=argparse.BooleanOptionalAction, default=True, help="tiled VAE encode/decode (default on)")
-    for dest, flag, text in (
-        ("sdpa", "--sdpa", "PyTorch scaled_dot_product_attention (default)"),
-        ("flash_attn", "--flash_attn", "FlashAttention 2"),
-        ("flash3", "--flash3", "FlashAttention 3"),
-        ("sage_attn", "--sage_attn", "SageAttention"),
-        ("xformers", "--xformers", "xformers"),
-    ):
-        m.add_argument(flag, dest=dest, action="store_true", help=text)
-    m.add_argument("--attn_mode", type=str, default=None, choices=tuple(ATTN_MODE_FLAGS), help="attention kernel (Blissful)")
+    add_attention_args(m)
     m.add_argument("--lora_weight", type=str, nargs="+", default=None, help="LoRA files merged into the DiT while it loads")
     m.add_argument("--lora_multiplier", type=float, nargs="+", default=None, help="one multiplier per LoRA (missing: 1.0)")
     m.add_argument(
@@ -143,29 +130,10 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def _merge_aliases(args: argparse.Namespace) -> None:
-    """Give every spelling of an alias group the one value given (an error when two spellings disagree)."""
-    for group in ALIAS_GROUPS:
-        given = [(attr, flag, getattr(args, attr)) for attr, flag in group if getattr(args, attr) is not None]
-        values = {v for _, _, v in given}
-        if len(values) > 1:
-            shown = " and ".join(f"{flag} {v}" for _, flag, v in given)
-            raise UserError(f"{shown} are the same option with different values; give one")
-        value = given[0][2] if given else None
-        for attr, _ in group:
-            setattr(args, attr, value)
+    merge_aliases(args, ALIAS_GROUPS)
 
 
-def _attention_mode(args: argparse.Namespace) -> str:
-    """The attention backend from ``--attn_mode`` or the attention flags (which must not contradict each other)."""
-    flags = [f for f in ATTN_FLAGS if getattr(args, f)]
-    if args.attn_mode is not None:
-        wanted = ATTN_MODE_FLAGS[args.attn_mode]
-        others = [f for f in flags if f != wanted]
-        if others:
-            raise UserError(f"--attn_mode {args.attn_mode} and --{others[0]} name different attention kernels; give one")
-        for f in ATTN_FLAGS:
-            setattr(args, f, f == wanted)
-    return attention_mode_from_args(args)
+_attention_mode = resolve_attention_mode
 
 
 def _apply_optimized(args: argparse.Namespace, task: TaskConfig, device: torch.device) -> None:

@@ -162,6 +162,10 @@ class K5Generator:
                     logger.error(f"{job.location}: cannot encode the reference image: {e}")
         self._park_vae()
 
+    def after_encode(self, jobs: list[Job]) -> None:
+        """The ``run_generation`` hook after the text stage (= ``encode_all_images``)."""
+        self.encode_all_images(jobs)
+
     # -- DiT -------------------------------------------------------------------------------------------------------
 
     def _enable_block_swap(self, dit: Any) -> None:

@@ -1,0 +1,1 @@
+"""FLUX.2 transformer and its checkpoint loading."""

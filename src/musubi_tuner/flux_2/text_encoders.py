@@ -1,0 +1,273 @@
+"""FLUX.2 text encoders (specs/flux2.md §7): Qwen3 (klein) and Mistral Small 3.x (dev), streamed, optionally fp8.
+
+Only the decoder layers whose outputs are used are built and loaded: the outputs of layers (9, 18, 27) of Qwen3 /
+(10, 20, 30) of Mistral's 40 are captured with forward hooks, so the layers after the last one (and the LM head, and
+Mistral's vision tower) are never read from disk. The weights stream tensor by tensor into a model built on the
+meta device (``utils.model_loading``); with ``--fp8_text_encoder`` (alias ``--fp8_m3``) the Linear weights of the
+decoder layers are stored block-scaled fp8 and computed in bf16 — for both encoders (upstream refuses Mistral 3).
+
+Output per prompt: ``(512, 3·hidden)``, the three layer outputs concatenated layer-major, all 512 positions (pads
+included, as both references do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from musubi_tuner.flux_2.configs import TEXT_MAX_LENGTH, ModelVersion
+from musubi_tuner.modules.fp8_optimization import Fp8Config
+from musubi_tuner.utils.errors import UserError
+from musubi_tuner.utils.key_mapping import KeyMap
+from musubi_tuner.utils.log import get_logger
+from musubi_tuner.utils.model_loading import load_weights_into_model
+from musubi_tuner.utils.safetensors_utils import open_weights
+
+logger = get_logger(__name__)
+
+MISTRAL_SYSTEM_MESSAGE = (
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
+    "relationships, object\nattribution and actions without speculation."
+)
+RELEASED_LAYERS = {"qwen3": 36, "mistral3": 40}
+RELEASED_HIDDEN = {"mistral3": (5120,), "qwen3": (2560, 4096)}
+KIND_NAMES = {"qwen3": "Qwen3", "mistral3": "Mistral 3 (Mistral-Small-3.x)"}
+_MODEL_TYPES = {"qwen3": "qwen3", "mistral3": "mistral3"}
+FP8_TEXT_TARGETS = ("layers.",)
+FP8_TEXT_EXCLUDES = ("norm",)
+
+
+def output_layers_for(kind: str, official: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """The hidden-state indices to stack: the official ones, remapped proportionally for smaller (test) models."""
+    if num_layers >= max(official):
+        return official
+    real = RELEASED_LAYERS[kind]
+    out = tuple(max(1, min(num_layers, round(k * num_layers / real))) for k in official)
+    if len(set(out)) != len(out):
+        raise UserError(f"text encoder has only {num_layers} layers; FLUX.2 needs at least {len(official)} distinct ones")
+    return out
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """Where the config, weights and tokenizer of a text encoder are."""
+
+    config: Path
+    weights: Path
+    tokenizer: Path
+
+
+def resolve_encoder_source(path: str | os.PathLike, flag: str = "--text_encoder") -> EncoderSource:
+    """A HF snapshot directory, a pipeline directory (``text_encoder/`` + ``tokenizer/``), or one weights file next
+    to its ``config.json`` and tokenizer files."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p}: text encoder not found ({flag})")
+    if p.is_file():
+        if not (p.parent / "config.json").is_file():
+            raise UserError(
+                f"{p}: a single text-encoder file needs its config.json and tokenizer files in the same folder ({flag}); "
+                "or pass the Hugging Face model directory"
+            )
+        return EncoderSource(p.parent / "config.json", p, _tokenizer_dir(p.parent, p.parent))
+    model_dir = p if (p / "config.json").is_file() else p / "text_encoder"
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{p}: no config.json (nor text_encoder/config.json) in the text encoder directory ({flag})")
+    return EncoderSource(model_dir / "config.json", model_dir, _tokenizer_dir(model_dir, p))
+
+
+def _tokenizer_dir(model_dir: Path, root: Path) -> Path:
+    for cand in (model_dir, root, root / "tokenizer"):
+        if (cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file():
+            return cand
+    return model_dir
+
+
+def _read_config(src: EncoderSource, flag: str) -> dict:
+    try:
+        return json.loads(src.config.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{src.config}: cannot read the text encoder config ({flag}): {e}") from None
+
+
+def encoder_kind(cfg: dict) -> str | None:
+    """``"qwen3"`` / ``"mistral3"`` from a config.json (None for anything else)."""
+    mt = cfg.get("model_type")
+    for kind, name in _MODEL_TYPES.items():
+        if mt == name:
+            return kind
+    return None
+
+
+def check_encoder_for_version(cfg: dict, version: ModelVersion, source: str, flag: str = "--text_encoder") -> dict:
+    """The text config of ``cfg`` after checking it is the encoder ``version`` needs (one ``UserError`` otherwise)."""
+    kind = encoder_kind(cfg)
+    want = version.text_encoder
+    if kind != want:
+        got = KIND_NAMES.get(kind or "", f"model_type {cfg.get('model_type')!r}")
+        raise UserError(f"{source}: {flag} is {got}, but --model_version {version.name} needs a {KIND_NAMES[want]} encoder")
+    text_cfg = cfg.get("text_config", cfg) if kind == "mistral3" else cfg
+    layers = int(text_cfg.get("num_hidden_layers", 0))
+    hidden = int(text_cfg.get("hidden_size", 0))
+    if layers == RELEASED_LAYERS[kind] and hidden != version.text_hidden_size:
+        raise UserError(
+            f"{source}: {flag} has hidden size {hidden}; --model_version {version.name} needs the {version.text_hidden_size}-wide "
+            f"{KIND_NAMES[kind]} encoder (klein 4B: Qwen3-4B, klein 9B: Qwen3-8B)"
+        )
+    return text_cfg
+
+
+def _build_decoder(kind: str, text_cfg: dict, num_layers: int) -> torch.nn.Module:
+    """The bare decoder (embeddings + ``num_layers`` layers + norm) on the meta device."""
+    fields = {k: v for k, v in text_cfg.items() if k not in ("model_type", "architectures", "transformers_version")}
+    fields["num_hidden_layers"] = num_layers
+    if isinstance(fields.get("layer_types"), list):
+        fields["layer_types"] = fields["layer_types"][:num_layers]
+    if kind == "qwen3":
+        from transformers import Qwen3Config, Qwen3Model
+
+        cfg, cls = Qwen3Config(**fields), Qwen3Model
+    else:
+        from transformers import MistralConfig, MistralModel
+
+        cfg, cls = MistralConfig(**fields), MistralModel
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        return cls(cfg)
+
+
+def _decoder_key_map(kind: str, keys: list[str], num_layers: int) -> KeyMap:
+    """Checkpoint keys → bare-decoder keys; LM head, vision tower, projector and unused layers dropped."""
+    prefixes = []
+    for p in ("model.language_model.", "language_model.model.", "model."):
+        if any(k.startswith(p) for k in keys):
+            prefixes.append((p, ""))
+            break
+    layer_rx = r"(?:model\.language_model\.|language_model\.model\.|model\.)?layers\.(\d+)\..*"
+    unused = "|".join(str(i) for i in range(num_layers, 512))
+    dropped = (
+        r"(?:language_model\.)?lm_head\..*",
+        r"(?:model\.)?vision_tower\..*",
+        r"(?:model\.)?multi_modal_projector\..*",
+        layer_rx.replace(r"(\d+)", f"(?:{unused})"),
+    )
+    return KeyMap(prefixes=tuple(prefixes), dropped=dropped)
+
+
+class Flux2TextEncoder:
+    """Tokenizer + truncated decoder of one FLUX.2 text encoder; ``encode(prompts) -> (B, 512, 3·hidden)``."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        version: ModelVersion,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        fp8: bool = False,
+        max_length: int = TEXT_MAX_LENGTH,
+        flag: str = "--text_encoder",
+    ):
+        from transformers import AutoTokenizer
+
+        src = resolve_encoder_source(path, flag)
+        cfg = _read_config(src, flag)
+        text_cfg = check_encoder_for_version(cfg, version, str(path), flag)
+        self.kind = version.text_encoder
+        self.version = version
+        self.max_length = max_length
+        self.device = torch.device(device)
+        self.dtype = dtype
+        total = int(text_cfg["num_hidden_layers"])
+        self.layers = output_layers_for(self.kind, version.output_layers, total)
+        self.hidden_size = int(text_cfg["hidden_size"])
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(src.tokenizer), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{src.tokenizer}: cannot load the {KIND_NAMES[self.kind]} tokenizer ({flag}): {e}") from None
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise UserError(f"{src.tokenizer}: the tokenizer has no chat template ({flag}); use the model's full HF directory")
+        n_build = max(self.layers)
+        model = _build_decoder(self.kind, text_cfg, n_build)
+        _init_rotary_buffers(model, self.device)
+        reader = open_weights(src.weights)
+        try:
+            key_map = _decoder_key_map(self.kind, reader.keys(), n_build)
+            fp8_cfg = Fp8Config(mode="block", block_size=64, targets=FP8_TEXT_TARGETS, excludes=FP8_TEXT_EXCLUDES) if fp8 else None
+            load_weights_into_model(model, reader, key_map=key_map, dtype=dtype, device=self.device, fp8=fp8_cfg, strict=True)
+        finally:
+            reader.close()
+        self.model = model.eval().requires_grad_(False)
+        self.fp8 = fp8
+        logger.info(
+            "%s text encoder from %s: %d of %d layers loaded (outputs %s)%s",
+            KIND_NAMES[self.kind], path, n_build, total, self.layers, ", fp8" if fp8 else "",
+        )  # fmt: skip
+
+    def cache_metadata(self) -> dict[str, str]:
+        """What the TE caches record (a cache made with another encoder is re-encoded / refused)."""
+        return {
+            "flux2_text_encoder": f"{self.kind}-{self.hidden_size}",
+            "flux2_text_layers": ",".join(str(i) for i in self.layers),
+            "flux2_text_max_length": str(self.max_length),
+        }
+
+    def _tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        kw: dict[str, Any] = {"padding": "max_length", "truncation": True, "max_length": self.max_length, "return_tensors": "pt"}
+        if self.kind == "qwen3":
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+                )
+                for p in prompts
+            ]
+            return dict(self.tokenizer(texts, **kw))
+        batch = [
+            [
+                {"role": "system", "content": [{"type": "text", "text": MISTRAL_SYSTEM_MESSAGE}]},
+                {"role": "user", "content": [{"type": "text", "text": p.replace("[IMG]", "")}]},
+            ]
+            for p in prompts
+        ]
+        out = self.tokenizer.apply_chat_template(batch, add_generation_prompt=False, tokenize=True, return_dict=True, **kw)
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """``(B, max_length, 3·hidden)`` in the encoder dtype (on the encoder device)."""
+        inputs = {k: v.to(self.device) for k, v in self._tokenize(list(prompts)).items()}
+        captured: dict[int, torch.Tensor] = {}
+        hooks = []
+        for k in self.layers:
+            layer = self.model.layers[k - 1]  # hidden_states[k] is the output of decoder layer k
+
+            def hook(_m, _args, out, k=k):
+                captured[k] = out[0] if isinstance(out, tuple) else out
+
+            hooks.append(layer.register_forward_hook(hook))
+        try:
+            self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        stacked = torch.stack([captured[k] for k in self.layers], dim=1)  # (B, 3, L, D)
+        b, n, length, d = stacked.shape
+        return stacked.permute(0, 2, 1, 3).reshape(b, length, n * d)
+
+    def close(self) -> None:
+        """Free the weights (the encoder is never kept while the DiT loads)."""
+        self.model = None  # type: ignore[assignment]
+
+
+def _init_rotary_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Non-persistent RoPE buffers are not in checkpoints: rebuild the rotary module on a real device."""
+    rotary = getattr(model, "rotary_emb", None)
+    if rotary is None:
+        return
+    with torch.device(device):
+        model.rotary_emb = type(rotary)(config=model.config)

@@ -1,0 +1,185 @@
+"""FLUX.2 DiT: parity with diffusers' Flux2Transformer2DModel (tiny configs), key tables, RoPE ids, block-swap split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import Flux2Transformer2DModel
+
+from musubi_tuner.flux_2.configs import MODEL_VERSIONS, dit_params_for
+from musubi_tuner.flux_2.models.dit import Flux2
+from musubi_tuner.flux_2.models.keys import official_to_diffusers
+from musubi_tuner.flux_2.sampling import build_img_ids, build_txt_ids
+
+# Tiny config of specs/flux2.md §3 (diffusers names) and its official equivalent.
+TINY_DIFFUSERS = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=48,
+    timestep_guidance_channels=256,
+    mlp_ratio=3.0,
+    axes_dims_rope=(4, 4, 4, 4),
+    rope_theta=2000,
+)
+TINY_OFFICIAL = dict(
+    in_channels=16, context_in_dim=48, hidden_size=64, num_heads=4, depth=1, depth_single_blocks=2, axes_dim=(4, 4, 4, 4)
+)
+
+
+def random_official(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every parameter random; norm scales near 1."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: (1 + 0.1 * torch.randn(v.shape, generator=g)) if k.endswith(".scale") else 0.2 * torch.randn(v.shape, generator=g)
+        for k, v in model.state_dict().items()
+    }
+
+
+def make_pair(guidance: bool, dtype=torch.float32, seed=0):
+    ours = Flux2(**TINY_OFFICIAL, guidance_embed=guidance).eval()
+    sd = random_official(ours, seed)
+    ours.load_state_dict(sd, strict=True)
+    ref = Flux2Transformer2DModel(**TINY_DIFFUSERS, guidance_embeds=guidance).eval()
+    ref.load_state_dict(official_to_diffusers(sd), strict=True)
+    return ours.to(dtype), ref.to(dtype)
+
+
+def inputs(b=1, h=3, w=4, refs=(), length=6, seed=1):
+    """Packed target tokens (h*w) + reference tokens, ids of the spec, text and timesteps."""
+    g = torch.Generator().manual_seed(seed)
+    n = h * w + sum(rh * rw for rh, rw in refs)
+    img = torch.randn(b, n, 16, generator=g)
+    img_ids = build_img_ids((h, w), list(refs)).expand(b, -1, -1)
+    txt = torch.randn(b, length, 48, generator=g)
+    txt_ids = build_txt_ids(length).expand(b, -1, -1)
+    t = torch.rand(b, generator=g)
+    return img, img_ids, txt, txt_ids, t
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+@pytest.mark.parametrize("refs", [(), ((2, 3), (3, 2))])
+def test_parity_fp32(guidance, refs):
+    ours, ref = make_pair(guidance)
+    img, img_ids, txt, txt_ids, t = inputs(b=2, refs=refs)
+    g = torch.tensor([4.0, 2.5]) if guidance else None
+    with torch.no_grad():
+        a = ours(img, img_ids, txt, txt_ids, t, g)
+        b = ref(img, txt, t, img_ids, txt_ids, guidance=g, return_dict=False)[0]
+    assert a.shape == b.shape == img.shape
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_parity_bf16():
+    ours, ref = make_pair(True, torch.bfloat16)
+    img, img_ids, txt, txt_ids, _ = inputs(b=1, refs=((2, 2),))
+    # diffusers rounds t and guidance to the model dtype before the x1000 (we keep float32): pick values whose
+    # x1000 is exact in bf16 so both see the same timestep
+    t, g = torch.tensor([0.5]), torch.tensor([2.0])
+    with torch.no_grad():
+        a = ours(img.bfloat16(), img_ids, txt.bfloat16(), txt_ids, t, g).float()
+        b = ref(img.bfloat16(), txt.bfloat16(), t, img_ids, txt_ids, guidance=g, return_dict=False)[0].float()
+    scale = b.abs().max().item()
+    assert (a - b).abs().max().item() < 0.03 * scale
+
+
+def test_per_sample_ids_match_single_sample_runs():
+    """Our DiT takes ids per item: a batch whose items have different reference layouts equals per-item calls."""
+    ours, _ = make_pair(False)
+    x1 = inputs(b=1, refs=((2, 3),), seed=3)
+    x2 = inputs(b=1, refs=((3, 2),), seed=4)  # same token count, other shapes -> other ids
+    batch = [torch.cat([a, b]) for a, b in zip(x1, x2)]
+    with torch.no_grad():
+        both = ours(*batch)
+        one = ours(*x1)
+        two = ours(*x2)
+    assert torch.allclose(both[0], one[0], atol=1e-5) and torch.allclose(both[1], two[0], atol=1e-5)
+    assert not torch.equal(x1[1], x2[1])
+
+
+def test_ids_layout():
+    ids = build_img_ids((2, 3), [(1, 2), (2, 1)])[0]
+    assert ids.shape == (6 + 2 + 2, 4)
+    assert ids[:6].tolist() == [[0, h, w, 0] for h in range(2) for w in range(3)]  # row-major target
+    assert ids[6:8].tolist() == [[10, 0, 0, 0], [10, 0, 1, 0]]  # reference 0 at t = 10
+    assert ids[8:].tolist() == [[20, 0, 0, 0], [20, 1, 0, 0]]  # reference 1 at t = 20
+    assert build_txt_ids(3)[0].tolist() == [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2]]
+
+
+def test_version_table_parameter_counts():
+    """dev has 32,223,281,152 parameters (spec §3); klein dims give the known widths."""
+    with torch.device("meta"):
+        dev = Flux2(**dit_params_for("dev"))
+    assert sum(p.numel() for p in dev.parameters()) == 32_223_281_152
+    assert dev.double_blocks[0].img_mlp[0].weight.shape == (2 * 18432, 6144)
+    assert MODEL_VERSIONS["klein-4b"].context_in_dim == 7680 and MODEL_VERSIONS["klein-9b"].context_in_dim == 12288
+    assert not MODEL_VERSIONS["klein-9b"].guidance_embed and MODEL_VERSIONS["dev"].guidance_embed
+
+
+def test_block_swap_split():
+    with torch.device("meta"):
+        dev = Flux2(**dit_params_for("dev"))
+    assert dev._split_blocks_to_swap(29, training=True) == [6, 46]  # documented maximum for dev
+    assert dev._split_blocks_to_swap(4, training=True) == [2, 4]
+    assert dev._split_blocks_to_swap(0) == [0, 0]
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+
+
+def _save_official(path, sd, *, guidance, prefix="", version=None):
+    import json
+
+    from safetensors.torch import save_file
+
+    from musubi_tuner.flux_2.models.loading import DIT_CONFIG_METADATA_KEY, MODEL_VERSION_METADATA_KEY
+
+    md = {DIT_CONFIG_METADATA_KEY: json.dumps({**TINY_OFFICIAL, "axes_dim": [4, 4, 4, 4], "guidance_embed": guidance})}
+    if version:
+        md[MODEL_VERSION_METADATA_KEY] = version
+    save_file({prefix + k: v.contiguous() for k, v in sd.items()}, str(path), metadata=md)
+
+
+def test_load_official_prefixed_and_diffusers_dir(tmp_path):
+    from musubi_tuner.flux_2.configs import get_model_version
+    from musubi_tuner.flux_2.models.loading import load_dit
+
+    ours, ref = make_pair(True)
+    sd = ours.state_dict()
+    _save_official(tmp_path / "plain.safetensors", sd, guidance=True)
+    _save_official(tmp_path / "comfy.safetensors", sd, guidance=True, prefix="model.diffusion_model.")
+    ref.save_pretrained(tmp_path / "diffusers")
+    x = inputs(b=1, refs=((2, 2),))
+    g = torch.tensor([4.0])
+    with torch.no_grad():
+        want = ours(*x, g)
+        for src in ("plain.safetensors", "comfy.safetensors", "diffusers"):
+            m = load_dit(get_model_version("dev"), tmp_path / src, dtype=torch.float32)
+            assert torch.allclose(m(*x, g), want, atol=1e-6), src
+
+
+def test_variant_mismatch_is_one_clear_error(tmp_path):
+    from musubi_tuner.flux_2.configs import get_model_version
+    from musubi_tuner.flux_2.models.loading import load_dit
+    from musubi_tuner.utils.errors import UserError
+
+    klein, _ = make_pair(False)
+    _save_official(tmp_path / "klein.safetensors", klein.state_dict(), guidance=False, version="klein-4b")
+    with pytest.raises(UserError, match=r"klein\.safetensors.*klein-4b.*--model_version is dev"):
+        load_dit(get_model_version("dev"), tmp_path / "klein.safetensors")
+    with pytest.raises(UserError, match=r"klein\.safetensors.*FLUX\.2 klein-4b.*klein-9b"):
+        load_dit(get_model_version("klein-9b"), tmp_path / "klein.safetensors")
+    # no metadata: the real-size dims of the version are compared with the file
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in klein.state_dict().items()}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(
+        UserError, match=r"bare\.safetensors: checkpoint does not fit --model_version klein-4b: it has 1 double / 2 single"
+    ):
+        load_dit(get_model_version("klein-4b"), tmp_path / "bare.safetensors")
+    save_file({"encoder.conv_in.weight": torch.zeros(1)}, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(UserError, match="not a FLUX.2 transformer"):
+        load_dit(get_model_version("klein-4b"), tmp_path / "vae.safetensors")

@@ -1,0 +1,65 @@
+"""FLUX.2 text encoders: parity with diffusers' prompt-embedding functions, fp8 for Qwen3 and Mistral 3, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline, Flux2Pipeline
+from transformers import AutoTokenizer, Mistral3ForConditionalGeneration, Qwen3ForCausalLM
+
+from musubi_tuner.flux_2.configs import get_model_version
+from musubi_tuner.flux_2.text_encoders import Flux2TextEncoder, output_layers_for
+from musubi_tuner.utils.errors import UserError
+
+PROMPTS = ["a red cube on a wooden table", "two cats"]
+
+
+def test_output_layer_remap():
+    assert output_layers_for("qwen3", (9, 18, 27), 36) == (9, 18, 27)
+    assert output_layers_for("qwen3", (9, 18, 27), 4) == (1, 2, 3)
+    assert output_layers_for("mistral3", (10, 20, 30), 40) == (10, 20, 30)
+    assert output_layers_for("mistral3", (10, 20, 30), 4) == (1, 2, 3)
+
+
+def test_qwen3_matches_diffusers_klein(flux2_bundle):
+    path = flux2_bundle.text_encoder_qwen3
+    ours = Flux2TextEncoder(path, get_model_version("klein-9b"), dtype=torch.float32).encode(PROMPTS)
+    model = Qwen3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        ref = Flux2KleinPipeline._get_qwen3_prompt_embeds(model, tok, PROMPTS, hidden_states_layers=(1, 2, 3))
+    assert ours.shape == ref.shape == (2, 512, 48)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_mistral3_matches_diffusers_dev(flux2_bundle):
+    path = flux2_bundle.text_encoder_mistral3
+    ours = Flux2TextEncoder(path, get_model_version("dev"), dtype=torch.float32).encode(PROMPTS)
+    model = Mistral3ForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        ref = Flux2Pipeline._get_mistral_3_small_prompt_embeds(model, tok, PROMPTS, hidden_states_layers=(1, 2, 3))
+    assert ours.shape == ref.shape == (2, 512, 48)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, version", [("qwen3", "klein-4b"), ("mistral3", "dev")])
+def test_fp8_text_encoder_close_to_bf16(flux2_bundle, kind, version):
+    path = getattr(flux2_bundle, f"text_encoder_{kind}")
+    v = get_model_version(version)
+    bf16 = Flux2TextEncoder(path, v, dtype=torch.bfloat16).encode(PROMPTS).float()
+    enc = Flux2TextEncoder(path, v, dtype=torch.bfloat16, fp8=True)
+    fp8_weights = [n for n, p in enc.model.named_parameters() if p.dtype == torch.float8_e4m3fn]
+    assert fp8_weights and all(n.startswith("layers.") for n in fp8_weights)
+    fp8 = enc.encode(PROMPTS).float()
+    rel = (fp8 - bf16).norm() / bf16.norm()
+    assert 0 < rel.item() < 0.1
+
+
+def test_wrong_encoder_for_version(flux2_bundle):
+    with pytest.raises(UserError, match=r"text_encoder_mistral3: --text_encoder is Mistral 3.*klein-4b needs a Qwen3"):
+        Flux2TextEncoder(flux2_bundle.text_encoder_mistral3, get_model_version("klein-4b"))
+    with pytest.raises(UserError, match=r"--text_encoder is Qwen3, but --model_version dev needs a Mistral 3"):
+        Flux2TextEncoder(flux2_bundle.text_encoder_qwen3, get_model_version("dev"))
+    with pytest.raises(UserError, match="no config.json"):
+        Flux2TextEncoder(flux2_bundle.root / "dit", get_model_version("dev"))
