@@ -51,3 +51,16 @@ def synthetic_video_dataset(tmp_path_factory: pytest.TempPathFactory) -> Synthet
 def fresh_synthetic_dataset(tmp_path) -> SyntheticDataset:
     """Same content as ``synthetic_video_dataset`` but private to one test (about 0.3 s to write)."""
     return write_synthetic_video_dataset(tmp_path / "data", n_videos=4, frames=17, size=(64, 64), seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random-weight Qwen-Image bundle (seed 0), written once per session (``demo.qwen_image_bundle``).
+
+    ``dit`` (T2I/Edit layout, config in metadata ``qwen_image_dit_config``: 2 blocks, 4 heads of 16, axes 8/4/4,
+    joint_attention_dim 32), ``dit_layered``, ``dit_diffusers``, ``vae`` (diffusers dir), ``vae_file`` (single file),
+    ``vae_layered`` (RGBA), ``text_encoder`` (tiny Qwen2.5-VL snapshot with ``preprocessor_config.json``).
+    """
+    from musubi_tuner.demo.qwen_image_bundle import write_qwen_image_bundle
+
+    return write_qwen_image_bundle(tmp_path_factory.mktemp("qwen_bundle") / "bundle", seed=0)
