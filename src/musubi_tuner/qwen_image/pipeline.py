@@ -31,7 +31,11 @@ class TextCond:
 
 def true_cfg(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
     """``neg + s·(pos − neg)``, rescaled per token to ``‖pos‖`` (L2 over channels; always on in the releases)."""
-    comb = neg + scale * (pos - neg)
+    return norm_rescale(neg + scale * (pos - neg), pos)
+
+
+def norm_rescale(comb: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``comb · ‖pos‖ / ‖comb‖`` per token (L2 over the last axis)."""
     pos_norm = torch.linalg.vector_norm(pos.float(), dim=-1, keepdim=True)
     comb_norm = torch.linalg.vector_norm(comb.float(), dim=-1, keepdim=True)
     return (comb.float() * (pos_norm / comb_norm.clamp_min(1e-12))).to(pos.dtype)
@@ -65,15 +69,17 @@ def sample_latents(
     noise: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
-    guidance_fn: Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor] | None = None,
-    step_callback: Callable[[int, torch.Tensor], None] | None = None,
+    guidance_fn: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    uncond_needed_fn: Callable[[int], bool] | None = None,
+    step_callback: Callable[[int, torch.Tensor, float], object] | None = None,
     latent_blend_fn: Callable[[int, float, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Denoise and return latents ``(B, 16, F, h, w)`` float32 on the CPU (F = 1, or layers + 1 for Layered).
 
     ``controls``: clean control latents ``(B, 16, hc, wc)`` appended after the target tokens. True CFG runs when
-    ``guidance_scale > 1`` and ``uncond`` is given; ``guidance_fn(pos, neg, step, scale)`` replaces the combination
-    (blissful CFG schedules / CFG-Zero*). ``latent_blend_fn(step, sigma_next, x)`` may edit the latents after each step
+    ``guidance_scale > 1`` and ``uncond`` is given (``uncond_needed_fn(step)`` decides per step);
+    ``guidance_fn(step, pos, neg)`` replaces ``neg + s·(pos − neg)`` (blissful CFG schedules / CFG-Zero*); the
+    per-token norm rescale to ``‖pos‖`` follows either way. ``step_callback(step, x, sigma_next)`` sees each result. ``latent_blend_fn(step, sigma_next, x)`` may edit the latents after each step
     (inpainting masks, RCM). Noise comes from a CPU generator (reproducible across devices).
     """
     device = torch.device(device)
@@ -88,6 +94,7 @@ def sample_latents(
     sigmas = sigmas_for(version, num_steps, (h, w), control_hws, flow_shift)
     t_cond = torch.zeros(b, dtype=torch.long, device=device) if version.is_layered else None
     use_cfg = uncond is not None and guidance_scale > 1.0
+    needs_uncond = uncond_needed_fn if uncond_needed_fn is not None else (lambda _i: use_cfg)
 
     def run(text: TextCond, tokens: torch.Tensor, sigma: float) -> torch.Tensor:
         inp = torch.cat([tokens, *control_tokens], dim=1)
@@ -99,12 +106,15 @@ def sample_latents(
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         tokens = pack(x).to(device=device, dtype=dtype)
         v = run(cond, tokens, sigma)
-        if use_cfg:
-            v_neg = run(uncond, tokens, sigma)  # type: ignore[arg-type]
-            v = guidance_fn(v, v_neg, i, guidance_scale) if guidance_fn is not None else true_cfg(v, v_neg, guidance_scale)
+        if uncond is not None and needs_uncond(i):
+            v_neg = run(uncond, tokens, sigma)
+            comb = guidance_fn(i, v, v_neg) if guidance_fn is not None else v_neg + guidance_scale * (v - v_neg)
+            v = norm_rescale(comb, v)
+        elif guidance_fn is not None:
+            v = guidance_fn(i, v, None)  # CFG-Zero* zero-init steps scale the plain prediction too
         x = x + (sigma_next - sigma) * unpack(v, frames, h, w).cpu()
         if latent_blend_fn is not None:
             x = latent_blend_fn(i, sigma_next, x)
         if step_callback is not None:
-            step_callback(i, x)
+            step_callback(i, x, sigma_next)
     return x

@@ -22,6 +22,7 @@ from musubi_tuner.qwen_image.configs import (
     EDIT_PLUS_VL_AREA,
     EDIT_VL_AREA,
     MAX_SEQUENCE_LENGTH,
+    MODEL_VERSIONS,
     T2I_DROP_TOKENS,
     ModelVersion,
 )
@@ -44,6 +45,11 @@ VISION_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 _REAL_VOCAB_MIN = 151643
 FP8_VL_EXCLUDES: tuple[str, ...] = ("visual", "embed", "norm", "lm_head")
+_CAPTION_VERSION = MODEL_VERSIONS["edit-2509"]  # the VL image size used for captions (about 384² pixels)
+CAPTION_INSTRUCTIONS = {
+    "en": "Describe this image in one detailed paragraph: the objects, their colours, positions and the background.",
+    "cn": "请用一段详细的中文描述这张图片：其中的物体、颜色、位置以及背景。",
+}
 
 
 def template_prefix(version: ModelVersion) -> str:
@@ -199,6 +205,17 @@ class QwenVLEncoder:
             valid = hidden[i][inputs["attention_mask"][i].bool()]
             out.append(valid[drop : drop + max_sequence_length].float().cpu().contiguous())
         return out
+
+    @torch.no_grad()
+    def caption(self, image: Any, lang: str, max_new_tokens: int = 256) -> str:
+        """A caption of ``image`` written by Qwen2.5-VL (Layered ``--automatic_prompt_lang_for_layered en|cn``)."""
+        instruction = CAPTION_INSTRUCTIONS[lang]
+        text = f"<|im_start|>user\n{VISION_TOKENS}{instruction}<|im_end|>\n<|im_start|>assistant\n"
+        inputs = self._inputs([text], [[image]], _CAPTION_VERSION)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        return self.tokenizer.decode(new, skip_special_tokens=True).strip() or "an image"
 
     def to(self, device: torch.device | str) -> QwenVLEncoder:
         self.device = torch.device(device)

@@ -208,3 +208,10 @@ def load_dit(
         logger.info("DiT: %d Linear weights in fp8", len(result.fp8_linears))
     logger.info("loaded Qwen-Image DiT (%s) from %s", version.name, path)
     return model.eval().requires_grad_(False)
+
+
+def model_keys(dit_path: str | os.PathLike) -> list[str]:
+    """The checkpoint's tensor names as model keys (ComfyUI prefixes stripped): what LoRA names are matched against,
+    so a LoRA applies fully to a prefixed checkpoint too."""
+    with open_weights(dit_weights_path(dit_path)) as reader:
+        return [m for k in reader.keys() if (m := DIT_KEY_MAP.map(k)) is not None]
