@@ -157,6 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--rcm_dilate_size must be >= 0 (got {args.rcm_dilate_size})")
     if args.perp_neg is not None:
         raise UserError("--perp_neg is not available for Qwen-Image (use --cfg_schedule / --cfgzerostar_scaling)")
+    for name in ("width", "height"):
+        if getattr(args, name) % PIXEL_STEP or getattr(args, name) < PIXEL_STEP:
+            raise UserError(f"--image_size: {name} {getattr(args, name)} is not a positive multiple of {PIXEL_STEP}")
     _check_files(args)
     if args.save_merged_model:
         if not (args.dit and args.lora_weight):
@@ -176,7 +179,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UserError("give --prompt (or --from_file / --interactive)")
     elif not args.prompt and version.is_layered and args.automatic_prompt_lang_for_layered:
         args.prompt = AUTO_CAPTION_PROMPT  # lines without a prompt of their own are captioned
-    for name in ("width", "height"):
-        if getattr(args, name) % PIXEL_STEP:
-            raise UserError(f"--image_size: {name} {getattr(args, name)} is not a multiple of {PIXEL_STEP}")
     return parse_blissful_args(args)
