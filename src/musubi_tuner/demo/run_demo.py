@@ -236,6 +236,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
+        "--arch", choices=("kandinsky5", "qwen_image"), default="kandinsky5", help="which architecture's demo (default kandinsky5)"
+    )
+    p.add_argument(
         "--prepare_only",
         action="store_true",
         help="only write <work_dir>/bundle and <work_dir>/data (for the command lines of docs/kandinsky5.md)",
@@ -248,6 +251,16 @@ def main(argv: list[str] | None = None) -> None:
     args = setup_parser().parse_args(argv)
     if args.steps < 2:
         raise UserError(f"--steps must be >= 2 (got {args.steps})")
+    if args.arch == "qwen_image":
+        from musubi_tuner.demo.qwen_image_demo import prepare_qwen_image, print_qwen_summary, run_qwen_image_demo
+
+        if args.prepare_only:
+            prepare_qwen_image(args.work_dir, seed=args.seed)
+            return
+        started = time.perf_counter()
+        print_qwen_summary(run_qwen_image_demo(args.work_dir, steps=args.steps, seed=args.seed))
+        print(f"total time: {time.perf_counter() - started:.0f} s")
+        return
     if args.prepare_only:
         prepare(args.work_dir, seed=args.seed)
         return

@@ -52,7 +52,13 @@ def setup_parser() -> argparse.ArgumentParser:
     m.add_argument("--fp8_scaled", action="store_true", help="block-scaled fp8 DiT weights, quantised while loading")
     m.add_argument("--text_encoder_cpu", action="store_true", help="run Qwen2.5-VL on the CPU")
     m.add_argument("--device", type=str, default=None, help="device (default: cuda when available, else cpu)")
-    m.add_argument("--dit_dtype", type=str, default=None, choices=DTYPE_CHOICES, help="DiT dtype of non-fp8 weights (bfloat16)")
+    m.add_argument(
+        "--dit_dtype",
+        type=str,
+        default=None,
+        choices=DTYPE_CHOICES,
+        help="DiT dtype of non-fp8 weights (default: bfloat16 on CUDA, float32 on the CPU)",
+    )
     m.add_argument("--attn_mode", type=str, default="torch", choices=tuple(ATTN_MODES), help="attention kernel (torch = sdpa)")
     m.add_argument("--blocks_to_swap", type=int, default=0, help="transformer blocks kept on the CPU and streamed in")
     m.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host memory for block swap")
@@ -123,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.version = version
     args.device = str(resolve_device(args.device))
     args.attn = ATTN_MODES[args.attn_mode]
+    if args.dit_dtype is None:
+        args.dit_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.height, args.width = args.image_size
     check_output_type(args.output_type, OUTPUT_TYPES)
     if args.embedded_cfg_scale is not None:
