@@ -60,3 +60,15 @@ def flux2_bundle(tmp_path_factory: pytest.TempPathFactory):
     from musubi_tuner.demo.flux2_bundles import write_flux2_bundle
 
     return write_flux2_bundle(tmp_path_factory.mktemp("flux2_bundle") / "bundle", seed=0)
+
+
+def qwen_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random-weight Qwen-Image bundle (seed 0), written once per session (``demo.qwen_image_bundle``).
+
+    ``dit`` (T2I/Edit layout, config in metadata ``qwen_image_dit_config``: 2 blocks, 4 heads of 16, axes 8/4/4,
+    joint_attention_dim 32), ``dit_layered``, ``dit_diffusers``, ``vae`` (diffusers dir), ``vae_file`` (single file),
+    ``vae_layered`` (RGBA), ``text_encoder`` (tiny Qwen2.5-VL snapshot with ``preprocessor_config.json``).
+    """
+    from musubi_tuner.demo.qwen_image_bundle import write_qwen_image_bundle
+
+    return write_qwen_image_bundle(tmp_path_factory.mktemp("qwen_bundle") / "bundle", seed=0)

@@ -346,3 +346,24 @@ def save_generation(
     if save_last_frame:
         written.append(save_png(frames[-1], unique_path(out_dir / f"{base}_last.png", overwrite=overwrite), metadata))
     return written
+
+
+def save_rgba_png(image: torch.Tensor, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """One RGBA image ``(4, H, W)`` float in [0, 1] as PNG with its alpha channel (``save_png`` keeps RGB only);
+    metadata as UTF-8 iTXt chunks."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    t = torch.as_tensor(image).detach().float().cpu()
+    if t.ndim != 3 or t.shape[0] != 4:
+        raise ValueError(f"save_rgba_png takes a (4, H, W) image, got shape {tuple(t.shape)}")
+    arr = (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    info = None
+    if metadata:
+        info = PngInfo()
+        for k, v in metadata.items():
+            info.add_itxt(str(k), str(v))
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(arr), mode="RGBA").save(tmp, format="PNG", pnginfo=info)
+    return path

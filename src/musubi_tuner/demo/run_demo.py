@@ -9,6 +9,7 @@ command, the loss trend read from the trainer's ``metrics.jsonl`` and where ever
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import shlex
@@ -259,6 +260,13 @@ def print_summary(result: DemoResult) -> None:
     print(f"logs of every step: {result.work_dir / 'logs'}")
 
 
+# --arch of the other architectures: (module, prepare(work_dir, seed), run(work_dir, steps, seed), print_summary(result))
+ARCH_DEMOS: dict[str, tuple[str, str, str, str]] = {
+    "flux_2": ("musubi_tuner.demo.flux2_demo", "prepare_flux2", "run_flux2_demo", "print_flux2_summary"),
+    "qwen_image": ("musubi_tuner.demo.qwen_image_demo", "prepare_qwen_image", "run_qwen_image_demo", "print_qwen_summary"),
+}
+
+
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m musubi_tuner.demo",
@@ -269,9 +277,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
         "--arch",
-        choices=("kandinsky5", "flux_2"),
+        choices=("kandinsky5", *ARCH_DEMOS),
         default="kandinsky5",
-        help="which architecture's pipeline to run (default kandinsky5; flux_2: klein- and dev-style tiny bundles)",
+        help="which architecture's pipeline to run (default kandinsky5)",
     )
     p.add_argument(
         "--prepare_only",
@@ -286,14 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     args = setup_parser().parse_args(argv)
     if args.steps < 2:
         raise UserError(f"--steps must be >= 2 (got {args.steps})")
-    if args.arch == "flux_2":
-        from musubi_tuner.demo.flux2_demo import prepare_flux2, print_flux2_summary, run_flux2_demo
-
+    if args.arch in ARCH_DEMOS:
+        module_name, prepare_name, run_name, summary_name = ARCH_DEMOS[args.arch]
+        module = importlib.import_module(module_name)
         if args.prepare_only:
-            prepare_flux2(args.work_dir, seed=args.seed)
+            getattr(module, prepare_name)(args.work_dir, seed=args.seed)
             return
         started = time.perf_counter()
-        print_flux2_summary(run_flux2_demo(args.work_dir, steps=args.steps, seed=args.seed))
+        getattr(module, summary_name)(getattr(module, run_name)(args.work_dir, steps=args.steps, seed=args.seed))
         print(f"total time: {time.perf_counter() - started:.0f} s")
         return
     if args.prepare_only:

@@ -33,11 +33,12 @@ def has_tokenizer_files(directory: Path) -> bool:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where to load a transformers model and its tokenizer from."""
+    """Where to load a transformers model and its tokenizer from; ``root`` is what the user named."""
 
     model: str
     tokenizer: str
     local_files_only: bool
+    root: str = ""
 
 
 def resolve_model_source(name_or_path: str | os.PathLike, *, subfolder: str, tokenizer_subfolder: str, flag: str) -> ModelSource:
@@ -50,7 +51,7 @@ def resolve_model_source(name_or_path: str | os.PathLike, *, subfolder: str, tok
     if not path.exists():
         if not _HUB_ID.fullmatch(text):
             raise UserError(f"{text}: text encoder directory not found ({flag})")
-        return ModelSource(text, text, local_files_only=False)
+        return ModelSource(text, text, local_files_only=False, root=text)
     if path.is_file():
         raise UserError(
             f"{path}: {flag} needs a Hugging Face model directory (config.json + weights + tokenizer), not a single file"
@@ -66,4 +67,13 @@ def resolve_model_source(name_or_path: str | os.PathLike, *, subfolder: str, tok
         where = " / ".join(str(c) for c in candidates)
         wanted = ", ".join(" + ".join(names) for names in TOKENIZER_FILES)
         raise UserError(f"{path}: the tokenizer is missing from the text encoder directory ({flag}): none of {wanted} in {where}")
-    return ModelSource(str(model_dir), str(tok_dir), local_files_only=True)
+    return ModelSource(str(model_dir), str(tok_dir), local_files_only=True, root=str(path))
+
+
+def find_processor_dir(candidates: list[str | os.PathLike]) -> Path | None:
+    """The first existing directory among ``candidates`` holding a ``preprocessor_config.json``."""
+    for cand in candidates:
+        p = Path(cand)
+        if (p / "preprocessor_config.json").is_file():
+            return p
+    return None

@@ -1,0 +1,138 @@
+"""Qwen-Image DiT LoRA training step (forward + backward) — ours vs diffusers + PEFT, same config, same inputs, CPU.
+
+Usage: python bench/qwen_image_dit_step.py [--steps 3] [--threads 2] [--repeats 2]
+
+Ours: ``QwenImageTransformer`` with ``networks.lora_qwen_image`` (rank 16). Diffusers: ``QwenImageTransformer2DModel``
+with a real PEFT LoRA (``add_adapter(LoraConfig)``, rank 16) on the same 12 Linears of every block (attention q/k/v/out
+of both streams and both MLPs; modulations excluded). Same random weights (ours loads the diffusers state dict), a
+batch of 2 with padded, masked text. Each side runs in its own subprocess; peak = ``ru_maxrss`` minus the RSS just
+before the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+CONFIG = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=4,
+    attention_head_dim=64,
+    num_attention_heads=4,
+    joint_attention_dim=512,
+    axes_dims_rope=(16, 24, 24),
+)
+LATENT_HW = (64, 64)  # latent 64x64 -> 1024 image tokens
+TEXT_LENS = (96, 64)
+RANK = 16
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]  # fmt: skip
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(side: str, steps: int, threads: int) -> dict:
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    ref = QwenImageTransformer2DModel(**CONFIG)
+    sd = {k: torch.randn_like(v) * 0.02 for k, v in ref.state_dict().items()}
+    if side == "ours":
+        from musubi_tuner.networks.lora_qwen_image import create_arch_network
+        from musubi_tuner.qwen_image.models.dit import QwenImageTransformer
+
+        del ref
+        model = QwenImageTransformer(**CONFIG)
+        model.load_state_dict(sd)
+        model.requires_grad_(False)
+        net = create_arch_network(1.0, RANK, RANK, None, None, model)
+        net.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+        n_lora = len(net.unet_loras)
+    else:
+        from peft import LoraConfig
+
+        model = ref
+        model.load_state_dict(sd)
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=PEFT_TARGETS, init_lora_weights="gaussian"))
+        n_lora = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    h, w = LATENT_HW
+    n_img = (h // 2) * (w // 2)
+    x = torch.randn(2, n_img, 64, generator=g)
+    lmax = max(TEXT_LENS)
+    text = torch.randn(2, lmax, CONFIG["joint_attention_dim"], generator=g)
+    mask = torch.zeros(2, lmax, dtype=torch.bool)
+    for i, n in enumerate(TEXT_LENS):
+        mask[i, :n] = True
+    t = torch.tensor([0.3, 0.7])
+    shapes = [(1, h // 2, w // 2)]
+
+    def step() -> None:
+        if side == "ours":
+            out = model(x, text, mask, t, shapes)
+        else:
+            out = model(x, text, mask, t, img_shapes=[shapes] * 2, return_dict=False)[0]
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    base_rss = _rss_bytes()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = (time.perf_counter() - t0) / steps
+    return {"side": side, "seconds_per_step": dt, "peak_extra_mib": peak / 2**20, "lora_modules": n_lora}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest is reported")
+    parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.threads)))
+        return
+    results: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for side in ("ours", "diffusers"):
+            cmd = [sys.executable, __file__, "--worker", side, "--steps", str(args.steps), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            if side not in results or r["seconds_per_step"] < results[side]["seconds_per_step"]:
+                results[side] = r
+    ours, ref = results["ours"], results["diffusers"]
+    dim = CONFIG["attention_head_dim"] * CONFIG["num_attention_heads"]
+    print(
+        f"config: hidden {dim}, {CONFIG['num_layers']} blocks, batch 2 x ({LATENT_HW[0] // 2 * LATENT_HW[1] // 2} image + "
+        f"{'/'.join(map(str, TEXT_LENS))} masked text tokens), LoRA rank {RANK} on {ours['lora_modules']} / "
+        f"{ref['lora_modules']} Linears, fp32 CPU, {args.threads} threads, {args.steps} timed steps, best of {args.repeats}"
+    )
+    print(f"{'':10s} {'s/step':>8s} {'peak MiB':>9s}")
+    for name, r in (("ours", ours), ("diffusers", ref)):
+        print(f"{name:10s} {r['seconds_per_step']:8.3f} {r['peak_extra_mib']:9.1f}")
+    print(
+        f"time ratio ours/diffusers: {ours['seconds_per_step'] / ref['seconds_per_step']:.2f}; "
+        f"peak memory ratio: {ours['peak_extra_mib'] / max(ref['peak_extra_mib'], 1e-9):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Qwen-Image DiT and its loader."""
