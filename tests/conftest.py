@@ -51,3 +51,27 @@ def synthetic_video_dataset(tmp_path_factory: pytest.TempPathFactory) -> Synthet
 def fresh_synthetic_dataset(tmp_path) -> SyntheticDataset:
     """Same content as ``synthetic_video_dataset`` but private to one test (about 0.3 s to write)."""
     return write_synthetic_video_dataset(tmp_path / "data", n_videos=4, frames=17, size=(64, 64), seed=0)
+
+
+@pytest.fixture(scope="session")
+def wan_t2v_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Wan bundle for task ``t2v-1.3B`` (official files: DiT safetensors, Wan2.1_VAE.pth, UMT5 .pth + tokenizer)."""
+    from musubi_tuner.demo.wan_bundle import write_wan_bundle
+
+    return write_wan_bundle(tmp_path_factory.mktemp("wan_t2v") / "bundle", task="t2v-1.3B", seed=0)
+
+
+@pytest.fixture(scope="session")
+def wan_i2v_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Wan bundle for task ``i2v-14B`` (36-channel DiT with CLIP input + the open-clip .pth)."""
+    from musubi_tuner.demo.wan_bundle import write_wan_bundle
+
+    return write_wan_bundle(tmp_path_factory.mktemp("wan_i2v") / "bundle", task="i2v-14B", seed=0)
+
+
+@pytest.fixture(scope="session")
+def wan_a14b_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Wan 2.2 two-expert bundle for task ``i2v-A14B`` (high- and low-noise DiT files)."""
+    from musubi_tuner.demo.wan_bundle import write_wan_bundle
+
+    return write_wan_bundle(tmp_path_factory.mktemp("wan_a14b") / "bundle", task="i2v-A14B", seed=0)
