@@ -51,6 +51,7 @@ def sample_latents(
     guidance_fn: GuidanceFn | None = None,
     uncond_needed_fn: Callable[[int], bool] | None = None,
     skip_blocks_fn: Callable[[int, str], list[int] | None] | None = None,
+    slg_fn: Callable[[int], tuple[list[int], float] | None] | None = None,
     on_expert: Callable[[str | None], None] | None = None,
     step_callback: Callable[[int, torch.Tensor, float], None] | None = None,
     riflex_index: int = 0,
@@ -69,7 +70,9 @@ def sample_latents(
         init_latents / denoise_strength: V2V: start at step ``N − round(N·p)`` from ``(1 − σ)·x0 + σ·ε``.
         guidance_fn: ``(step, v_cond, v_uncond or None, scale) -> v`` (blissful CFG variants); default CFG.
         uncond_needed_fn: per-step "run the unconditional pass?" (cfg_skip, CFG schedules).
-        skip_blocks_fn: ``(step, "cond"|"uncond") -> block indices to skip`` (skip-layer guidance).
+        skip_blocks_fn: ``(step, "cond"|"uncond") -> block indices to skip`` (skip-layer guidance, ``uncond`` mode).
+        slg_fn: ``step -> (blocks, scale)`` for skip-layer guidance ``original`` mode: a third pass with the prompt
+            and those blocks skipped; ``v += scale·(v_cond − v_skip)``.
         on_expert: called with the expert about to run when it changes (offload the inactive one).
         step_callback: ``(step, x, sigma_next)`` after each step (previews).
     """
@@ -78,7 +81,7 @@ def sample_latents(
         raise ValueError("two-expert sampling needs {'high': dit, 'low': dit}")
     first = next(iter(experts.values()))
     dtype = first.compute_dtype
-    sampler = make_sampler(solver, num_steps, shift)
+    sampler = make_sampler(solver, num_steps, shift, generator=generator)
     if noise is None:
         noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32, device=generator.device)
     x = noise.float().to(device)
@@ -121,6 +124,10 @@ def sample_latents(
             v = guidance_fn(n, v_c, v_u, scale)
         else:
             v = cfg_combine(v_c, v_u, scale) if v_u is not None else v_c
+        slg = slg_fn(n) if slg_fn is not None else None
+        if slg is not None:
+            v_s = dit(xin, t, ctx_c, clip_in, y_in, skip_block_indices=slg[0], riflex_index=riflex_index).float()
+            v = v + slg[1] * (v_c - v_s)
         x = sampler.step(v[0], i, x)
         if ti2v_image_latent is not None:
             x = ti2v_replace_first(x[None], ti2v_image_latent[None].to(device))[0]

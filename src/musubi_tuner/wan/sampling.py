@@ -8,6 +8,7 @@ receives ``σ·1000`` (a float, not diffusers' truncated integer timesteps).
 - ``dpm++``: the official ``get_sampling_sigmas`` grid σ = shift(linspace(1, 0, N + 1)[:N]) driven by
   ``DPMSolverMultistepScheduler`` (DPM-Solver++ order 2, flow prediction), final σ 0.
 - ``vanilla``: Euler on the ``dpm++`` grid.
+- ``lcm`` (blissful-tuner, for distilled models / LoRAs): ``x̂0 = x − σ·v``, then ``(1 − σ')·x̂0 + σ'·ε`` with fresh ε.
 
 ``shift(x) = s·x / (1 + (s − 1)·x)``.
 """
@@ -22,7 +23,7 @@ import torch
 
 from musubi_tuner.utils.errors import UserError
 
-SOLVERS = ("unipc", "dpm++", "vanilla")
+SOLVERS = ("unipc", "dpm++", "vanilla", "lcm")
 NUM_TRAIN_TIMESTEPS = 1000
 CFG_EPS = 1e-6
 
@@ -44,6 +45,7 @@ class FlowSampler:
     solver: str
     sigmas: torch.Tensor
     scheduler: Any = None
+    generator: torch.Generator | None = None
 
     @property
     def num_steps(self) -> int:
@@ -61,21 +63,30 @@ class FlowSampler:
     def step(self, velocity: torch.Tensor, index: int, x: torch.Tensor) -> torch.Tensor:
         """``x`` at σ_{i+1} from the velocity at σ_i (float32 math; returned as float32)."""
         v, xf = velocity.float(), x.float()
+        if self.solver == "lcm":
+            x0 = xf - self.sigmas[index].item() * v
+            nxt = self.sigmas[index + 1].item()
+            if nxt == 0.0:
+                return x0
+            eps = torch.randn(x0.shape, generator=self.generator, device=self.generator.device if self.generator else "cpu")
+            return (1 - nxt) * x0 + nxt * eps.to(x0.device)
         if self.scheduler is None:
             return xf + (self.sigmas[index + 1] - self.sigmas[index]).item() * v
         return self.scheduler.step(v, self.scheduler.timesteps[index], xf, return_dict=False)[0]
 
 
-def make_sampler(solver: str, num_steps: int, shift: float, device: torch.device | str = "cpu") -> FlowSampler:
-    """The sampler of ``--sample_solver`` for ``num_steps`` steps and ``--flow_shift``."""
+def make_sampler(
+    solver: str, num_steps: int, shift: float, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> FlowSampler:
+    """The sampler of ``--sample_solver`` for ``num_steps`` steps and ``--flow_shift`` (``generator``: lcm's noise)."""
     if solver not in SOLVERS:
         raise UserError(f"--sample_solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     if num_steps < 1:
         raise UserError(f"--infer_steps must be >= 1 (got {num_steps})")
     if shift <= 0:
         raise UserError(f"--flow_shift must be > 0 (got {shift})")
-    if solver == "vanilla":
-        return FlowSampler(solver, official_sigmas(num_steps, shift))
+    if solver in ("vanilla", "lcm"):
+        return FlowSampler(solver, official_sigmas(num_steps, shift), generator=generator)
     if solver == "unipc":
         from diffusers import UniPCMultistepScheduler
 
