@@ -235,6 +235,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--work_dir", default="blissful_demo", help="where the bundle, data and outputs go (default ./blissful_demo)")
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--arch", choices=("k5", "wan"), default="k5", help="architecture: k5 (default) or wan (T2V + two-expert I2V)")
     p.add_argument(
         "--prepare_only",
         action="store_true",
@@ -248,6 +249,16 @@ def main(argv: list[str] | None = None) -> None:
     args = setup_parser().parse_args(argv)
     if args.steps < 2:
         raise UserError(f"--steps must be >= 2 (got {args.steps})")
+    if args.arch == "wan":
+        from musubi_tuner.demo.wan_demo import prepare_wan, print_wan_summary, run_wan_demo
+
+        if args.prepare_only:
+            prepare_wan(args.work_dir, seed=args.seed)
+            return
+        started = time.perf_counter()
+        print_wan_summary(run_wan_demo(args.work_dir, steps=args.steps, seed=args.seed))
+        print(f"total time: {time.perf_counter() - started:.0f} s")
+        return
     if args.prepare_only:
         prepare(args.work_dir, seed=args.seed)
         return
