@@ -62,6 +62,7 @@ def flux2_bundle(tmp_path_factory: pytest.TempPathFactory):
     return write_flux2_bundle(tmp_path_factory.mktemp("flux2_bundle") / "bundle", seed=0)
 
 
+@pytest.fixture(scope="session")
 def qwen_bundle(tmp_path_factory: pytest.TempPathFactory):
     """A tiny random-weight Qwen-Image bundle (seed 0), written once per session (``demo.qwen_image_bundle``).
 
@@ -72,3 +73,27 @@ def qwen_bundle(tmp_path_factory: pytest.TempPathFactory):
     from musubi_tuner.demo.qwen_image_bundle import write_qwen_image_bundle
 
     return write_qwen_image_bundle(tmp_path_factory.mktemp("qwen_bundle") / "bundle", seed=0)
+
+
+@pytest.fixture(scope="session")
+def wan_t2v_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Wan bundle for task ``t2v-1.3B`` (official files: DiT safetensors, Wan2.1_VAE.pth, UMT5 .pth + tokenizer)."""
+    from musubi_tuner.demo.wan_bundle import write_wan_bundle
+
+    return write_wan_bundle(tmp_path_factory.mktemp("wan_t2v") / "bundle", task="t2v-1.3B", seed=0)
+
+
+@pytest.fixture(scope="session")
+def wan_i2v_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Wan bundle for task ``i2v-14B`` (36-channel DiT with CLIP input + the open-clip .pth)."""
+    from musubi_tuner.demo.wan_bundle import write_wan_bundle
+
+    return write_wan_bundle(tmp_path_factory.mktemp("wan_i2v") / "bundle", task="i2v-14B", seed=0)
+
+
+@pytest.fixture(scope="session")
+def wan_a14b_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Wan 2.2 two-expert bundle for task ``i2v-A14B`` (high- and low-noise DiT files)."""
+    from musubi_tuner.demo.wan_bundle import write_wan_bundle
+
+    return write_wan_bundle(tmp_path_factory.mktemp("wan_a14b") / "bundle", task="i2v-A14B", seed=0)

@@ -96,6 +96,7 @@ def test_scripts_run_from_their_source_path():
     """DESIGN: ``python src/musubi_tuner/<script>.py`` works too (its folder is then first on sys.path)."""
     scripts = ["kandinsky5_cache_latents", "kandinsky5_cache_text_encoder_outputs", "kandinsky5_train_network"]
     scripts += ["kandinsky5_generate_video", "merge_lora", "convert_lora", "estimate_memory"]
+    scripts += ["wan_cache_latents", "wan_cache_text_encoder_outputs", "wan_train_network", "wan_generate_video"]
     for name in scripts:
         proc = subprocess.run(
             [sys.executable, str(ROOT / "src" / "musubi_tuner" / f"{name}.py"), "--help"], capture_output=True, text=True

@@ -264,6 +264,7 @@ def print_summary(result: DemoResult) -> None:
 ARCH_DEMOS: dict[str, tuple[str, str, str, str]] = {
     "flux_2": ("musubi_tuner.demo.flux2_demo", "prepare_flux2", "run_flux2_demo", "print_flux2_summary"),
     "qwen_image": ("musubi_tuner.demo.qwen_image_demo", "prepare_qwen_image", "run_qwen_image_demo", "print_qwen_summary"),
+    "wan": ("musubi_tuner.demo.wan_demo", "prepare_wan", "run_wan_demo", "print_wan_summary"),
 }
 
 

@@ -1,0 +1,63 @@
+"""Wan caching callbacks for the shared drivers (specs/wan.md §8, §9).
+
+Latents (``wan_cache_latents.py``): per item ``latents`` ``(C, F', H/s, W/s)`` (normalised), with ``--i2v`` the 20-channel
+``latents_image`` (mask 4 + first-frame latent 16), with ``--clip`` the 2.1 ``clip`` tokens ``(257, 1280)`` of the first
+frame, for Fun-Control datasets ``latents_control`` (the control video's latent). Text (``wan_cache_text_encoder_outputs.py``):
+``varlen_t5`` ``(L, 4096)`` at each prompt's length; the trainer zero-pads to 512.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from musubi_tuner.dataset.latent_caching import LatentBatch
+from musubi_tuner.dataset.text_caching import TextItem
+from musubi_tuner.utils.errors import UserError
+from musubi_tuner.wan.conditioning import condition_video, i2v_mask
+
+
+def encode_latent_batch(vae: Any, batch: LatentBatch, *, i2v: bool = False, clip: Any = None) -> list[dict[str, torch.Tensor]]:
+    """The Wan ``encode`` for ``dataset.latent_caching.cache_latents``."""
+    pixels = batch.pixels
+    frames = pixels.shape[2]
+    latents = vae.encode(pixels)
+    out = [{"latents": latents[i].to(vae.dtype)} for i in range(len(batch.items))]
+    if i2v:
+        cond = vae.encode(condition_video(pixels[:, :, 0], frames))
+        mask = i2v_mask(frames, cond.shape[-2], cond.shape[-1])
+        for i, named in enumerate(out):
+            named["latents_image"] = torch.cat([mask, cond[i]], dim=0).to(vae.dtype)
+    if clip is not None:
+        tokens = clip.encode(pixels[:, :, 0])
+        for i, named in enumerate(out):
+            named["clip"] = tokens[i].to(torch.float16)
+    if batch.controls:
+        ctrl = batch.controls[0]
+        if ctrl.shape[2] != frames:
+            raise UserError(f"{batch.items[0].source.path}: control video has {ctrl.shape[2]} frames, the target {frames}")
+        c_lat = vae.encode(ctrl)
+        for i, named in enumerate(out):
+            named["latents_control"] = c_lat[i].to(vae.dtype)
+    return out
+
+
+def encode_text_items(encoder: Any, items: list[TextItem]) -> list[dict[str, torch.Tensor]]:
+    """The Wan ``encode`` for ``dataset.text_caching.cache_text_encoder_outputs``: ``varlen_t5`` per caption (bf16)."""
+    states = encoder.encode([it.caption for it in items])
+    return [{"varlen_t5": s.to(torch.bfloat16)} for s in states]
+
+
+def text_from_batch(batch: dict[str, Any]) -> list[torch.Tensor]:
+    """The T5 states of a training batch, one ``(L_i, 4096)`` per item (our ``varlen_t5`` or upstream's ``t5``)."""
+    t5 = batch.get("t5")
+    if t5 is None:
+        keys = sorted(k for k in batch if not k.startswith("latents"))
+        raise UserError(
+            f"the text-encoder cache of {batch.get('item_keys', ['?'])[0]} has no Wan T5 states (varlen_t5); "
+            f"batch keys: {keys} (cache written by another architecture or text encoder? re-run wan_cache_text_encoder_outputs.py)"
+        )
+    if isinstance(t5, torch.Tensor):
+        return list(t5)
+    return list(t5)

@@ -1,0 +1,49 @@
+"""Wan conditioning layouts shared by training and inference (specs/wan.md §8).
+
+- I2V (2.1, 2.2 A14B) and FLF2V: ``y = cat([mask (4), image latent (16)])`` = 20 channels after the noisy 16. The
+  image latent encodes ``[first, zeros × (F − 2), last or zero]``; the pixel mask ``[1, 0, ..., 0(, 1)]`` (length F)
+  with its first entry repeated 4× is folded to ``(4, F')`` (4 pixel frames per latent frame).
+- Fun-Control: ``y = cat([control latent (16), start-image latent (16, zeros without an image)])``.
+- TI2V-5B: the first latent frame is the clean image latent; its tokens get timestep 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def i2v_mask(pixel_frames: int, h: int, w: int, *, last: bool = False) -> torch.Tensor:
+    """``(4, F', h, w)`` float32: 1 where a pixel frame is given (first; and last for FLF2V)."""
+    m = torch.zeros(pixel_frames)
+    m[0] = 1.0
+    if last:
+        m[-1] = 1.0
+    m = torch.cat([m[:1].repeat(4), m[1:]])  # length F + 3 = 4·F'
+    lat = m.numel() // 4
+    return m.view(lat, 4).transpose(0, 1)[:, :, None, None].expand(4, lat, h, w).contiguous()
+
+
+def condition_video(first: torch.Tensor, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, 3, F, H, W)``: the first image (and the last for FLF2V) with zero frames between, in [-1, 1]."""
+    b, c, h, w = first.shape
+    video = first.new_zeros(b, c, frames, h, w)
+    video[:, :, 0] = first
+    if last is not None:
+        video[:, :, -1] = last
+    return video
+
+
+def ti2v_token_timesteps(t: torch.Tensor, grid: tuple[int, int, int], first_frame_clean: bool) -> torch.Tensor:
+    """Per-token timesteps ``(B, F'·h'·w')`` for TI2V-5B: ``t`` everywhere, 0 on the first latent frame's tokens."""
+    f, h, w = grid
+    out = t.float().view(-1, 1).expand(-1, f * h * w).clone()
+    if first_frame_clean:
+        out[:, : h * w] = 0.0
+    return out
+
+
+def ti2v_replace_first(x: torch.Tensor, image_latent: torch.Tensor) -> torch.Tensor:
+    """``(1 − m)·cond + m·x`` with m = 0 on latent frame 0: the clean image latent replaces frame 0 of ``x``."""
+    out = x.clone()
+    out[:, :, :1] = image_latent[:, :, :1].to(x.dtype)
+    return out

@@ -1,0 +1,1 @@
+"""The Wan generator (``wan_generate_video.py``): arguments, conditions, generation."""

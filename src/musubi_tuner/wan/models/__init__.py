@@ -1,0 +1,1 @@
+"""The Wan DiT (official key layout) and its loader."""

@@ -1,0 +1,143 @@
+"""Wan LoRA training pieces (specs/wan.md §9): the DiT inputs of a cached batch and the two-expert model pair.
+
+- ``build_dit_kwargs``: T5 states (the model zero-pads to 512), I2V / Fun-Control condition channels ``y`` from the
+  cache, CLIP tokens, TI2V per-token timesteps.
+- ``WanExpertPair``: the Wan 2.2 A14B high- and low-noise experts as one module (``high_noise`` / ``low_noise``), so
+  one LoRA network spans both (``--expert both``); ``split_expert_state_dict`` writes each expert's LoRA on its own.
+- ``route_timesteps``: one side of the boundary for the whole batch, so each step runs one expert.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from musubi_tuner.networks.arch_targets import register_model_class
+from musubi_tuner.utils.errors import UserError
+from musubi_tuner.wan.caching import text_from_batch
+from musubi_tuner.wan.conditioning import ti2v_token_timesteps
+from musubi_tuner.wan.configs import TaskConfig
+from musubi_tuner.wan.models.dit import WanModel
+
+EXPERTS = ("high", "low")
+EXPERT_ATTR = {"high": "high_noise", "low": "low_noise"}
+KOHYA_PREFIX = "lora_unet_"
+
+
+class WanExpertPair(nn.Module):
+    """Both Wan 2.2 experts under ``high_noise`` / ``low_noise``; ``forward`` runs the expert named by ``expert``."""
+
+    def __init__(self, high: WanModel, low: WanModel):
+        super().__init__()
+        self.high_noise = high
+        self.low_noise = low
+
+    def expert(self, name: str) -> WanModel:
+        return getattr(self, EXPERT_ATTR[name])
+
+    @property
+    def in_dim(self) -> int:
+        return self.low_noise.in_dim
+
+    def _block_lists(self) -> list[nn.ModuleList]:
+        return [self.high_noise.blocks, self.low_noise.blocks]
+
+    def to_dtype(self, dtype: torch.dtype) -> WanExpertPair:
+        self.high_noise.to_dtype(dtype)
+        self.low_noise.to_dtype(dtype)
+        return self
+
+    def enable_gradient_checkpointing(self, activation_cpu_offloading: bool = False) -> None:
+        for m in (self.high_noise, self.low_noise):
+            m.enable_gradient_checkpointing(activation_cpu_offloading)
+
+    def disable_gradient_checkpointing(self) -> None:
+        for m in (self.high_noise, self.low_noise):
+            m.disable_gradient_checkpointing()
+
+    def enable_block_swap(self, *args: Any, **kwargs: Any) -> None:
+        raise UserError("--blocks_to_swap with --expert both is not supported: train the experts in two runs (--expert high / low)")
+
+    def forward(self, *args: Any, expert: str, **kwargs: Any) -> torch.Tensor:
+        return self.expert(expert)(*args, **kwargs)
+
+
+register_model_class("WanExpertPair", "wan")
+
+
+def split_expert_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"high": sd, "low": sd}`` from a LoRA over ``WanExpertPair`` (kohya names, the expert prefix removed)."""
+    out: dict[str, dict[str, torch.Tensor]] = {"high": {}, "low": {}}
+    for k, v in sd.items():
+        for name, attr in EXPERT_ATTR.items():
+            prefix = f"{KOHYA_PREFIX}{attr}_"
+            if k.startswith(prefix):
+                out[name][KOHYA_PREFIX + k[len(prefix) :]] = v
+                break
+        else:
+            raise ValueError(f"LoRA key {k!r} belongs to neither expert")
+    return out
+
+
+def route_timesteps(t: torch.Tensor, boundary: float, resample: Any, max_rounds: int = 32) -> tuple[torch.Tensor, str]:
+    """Put the whole batch on the side of the boundary of its first sample: ``(t, "high"|"low")``.
+
+    Samples on the other side are redrawn with ``resample(k) -> (k,)``; after ``max_rounds`` they are clamped.
+    """
+    expert = "high" if float(t[0]) >= boundary else "low"
+    t = t.clone()
+    for _ in range(max_rounds):
+        bad = (t < boundary) if expert == "high" else (t >= boundary)
+        if not bad.any():
+            return t, expert
+        t[bad] = resample(int(bad.sum())).to(t)
+    if expert == "high":
+        t = t.clamp(min=boundary)
+    else:
+        t = t.clamp(max=torch.nextafter(torch.tensor(boundary), torch.tensor(0.0)).item())
+    return t, expert
+
+
+def build_dit_kwargs(
+    task: TaskConfig, model_in_dim: int, x_t: torch.Tensor, batch: dict[str, Any], timesteps: torch.Tensor, device: torch.device
+) -> dict[str, Any]:
+    """Arguments of ``WanModel.forward`` for a cached batch (``x_t (B, C, F, H, W)``, ``timesteps`` = 1000·t, (B,))."""
+    b = x_t.shape[0]
+    kwargs: dict[str, Any] = {"x": x_t, "context": [c.to(device) for c in text_from_batch(batch)]}
+    extra = model_in_dim - x_t.shape[1]
+    ys = []
+    if task.control:
+        ctrl = batch.get("latents_control")
+        if ctrl is None:
+            raise UserError(f"{task.name} (Fun-Control) needs control latents: cache a dataset with control videos")
+        ys.append(ctrl)
+        img = batch.get("latents_image")
+        ys.append(img[:, 4:] if img is not None else torch.zeros_like(ctrl))
+    elif task.i2v:
+        img = batch.get("latents_image")
+        if img is None:
+            raise UserError(f"task {task.name} trains image-to-video: cache the latents with --i2v (latents_image missing)")
+        ys.append(img)
+    if ys:
+        y = torch.cat([t.to(device=device, dtype=x_t.dtype) for t in ys], dim=1)
+        if y.shape[1] != extra:
+            raise UserError(
+                f"the cached condition has {y.shape[1]} channels; the DiT expects {extra} beyond the {x_t.shape[1]} latent channels"
+            )
+        kwargs["y"] = y
+    elif extra:
+        raise UserError(f"the DiT takes {model_in_dim} input channels but the task {task.name} provides {x_t.shape[1]}")
+    if task.clip:
+        clip = batch.get("clip")
+        if clip is None:
+            raise UserError(f"task {task.name} needs CLIP image tokens: cache the latents with --clip")
+        kwargs["clip_fea"] = clip.to(device)
+    t = timesteps.to(device)
+    if task.ti2v:
+        f, h, w = x_t.shape[2], x_t.shape[3] // 2, x_t.shape[4] // 2
+        t = ti2v_token_timesteps(t, (f, h, w), first_frame_clean=False)
+    kwargs["timestep"] = t
+    assert len(kwargs["context"]) == b
+    return kwargs

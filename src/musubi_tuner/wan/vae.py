@@ -1,0 +1,179 @@
+"""Wan VAEs (specs/wan.md §5) from diffusers' ``AutoencoderKLWan``: 2.1 (16 channels, ×8 spatial) for Wan 2.1 and the
+2.2 A14B experts, 2.2 (48 channels, ×16 with its 2×2 pixel patchify) for TI2V-5B.
+
+Accepted on disk: a diffusers directory (``config.json`` or a pipeline with ``vae/``), a single ``.safetensors``
+in the diffusers layout, or an official file (``Wan2.1_VAE.pth`` via ``torch.load(weights_only=True)``,
+``wan_2.1_vae.safetensors``) whose keys are converted with diffusers' ``convert_wan_vae_to_diffusers``; the
+architecture of an official file (width, levels, blocks per level, temporal downsampling) is read from its shapes.
+Normalisation per channel: ``(z − mean) / std``; latents are the posterior mode (official). Encode and decode run
+causally in 1 + 4-frame chunks inside diffusers (its feature cache keeps 2 frames per conv).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from musubi_tuner.utils.errors import UserError
+from musubi_tuner.utils.log import get_logger
+from musubi_tuner.utils.safetensors_utils import open_weights
+
+logger = get_logger(__name__)
+
+VAE_CONFIG_METADATA_KEY = "vae_config"
+_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path")
+
+
+def latent_frame_count(pixel_frames: int) -> int:
+    """``(F − 1)//4 + 1`` for 4n+1 pixel frames."""
+    if pixel_frames < 1 or (pixel_frames - 1) % 4:
+        raise UserError(f"the Wan VAE needs 4n+1 pixel frames (1, 5, 9, ..., 81), got {pixel_frames}")
+    return (pixel_frames - 1) // 4 + 1
+
+
+def pixel_frame_count(latent_frames: int) -> int:
+    return 4 * (latent_frames - 1) + 1
+
+
+def infer_official_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """``AutoencoderKLWan`` arguments of an official Wan 2.1-layout VAE state dict, read from its shapes."""
+    try:
+        base_dim = shapes["encoder.conv1.weight"][0]
+        z_dim = shapes["conv2.weight"][0]
+    except KeyError as e:
+        raise UserError(f"not an official Wan VAE (missing {e})") from None
+    entries: dict[int, set[str]] = {}
+    for k in shapes:
+        m = re.match(r"^encoder\.downsamples\.(\d+)\.(.*)$", k)
+        if m:
+            entries.setdefault(int(m.group(1)), set()).add(m.group(2))
+    levels: list[list[int]] = [[]]
+    temporal: list[bool] = []
+    for i in sorted(entries):
+        names = entries[i]
+        if any(n.startswith("residual.") for n in names):
+            levels[-1].append(shapes[f"encoder.downsamples.{i}.residual.6.weight"][0])
+        else:  # a Resample: ends a level
+            temporal.append(any(n.startswith("time_conv") for n in names))
+            levels.append([])
+    num_res = len(levels[0])
+    if not num_res or any(len(lv) != num_res for lv in levels):
+        raise UserError("official Wan VAE: cannot read its block layout (residual blocks per level differ)")
+    dim_mult = [lv[-1] // base_dim for lv in levels]
+    return {"base_dim": base_dim, "z_dim": z_dim, "dim_mult": dim_mult, "num_res_blocks": num_res, "temperal_downsample": temporal}
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    reader = open_weights(path)
+    try:
+        return {k: reader.get_tensor(k) for k in reader.keys()}, reader.metadata()
+    finally:
+        reader.close()
+
+
+class WanVae:
+    """``AutoencoderKLWan`` plus the Wan normalisation; pixels ``(B, 3, F, H, W)`` in [-1, 1] ⇄ normalised latents."""
+
+    def __init__(self, vae: Any, kind: str):
+        self.vae = vae
+        self.kind = kind
+        cfg = vae.config
+        self.z_dim = int(cfg.z_dim)
+        self.spatial = int(getattr(cfg, "scale_factor_spatial", None) or 8)
+        self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        if self.mean.shape[1] != self.z_dim:
+            raise UserError(f"VAE config: {self.mean.shape[1]} latents_mean values for z_dim {self.z_dim}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    def to(self, device: torch.device | str) -> WanVae:
+        self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, F, H, W)`` in [-1, 1] → normalised latents ``(B, z, (F−1)//4+1, H/s, W/s)`` float32."""
+        if pixels.shape[2] != 1:
+            latent_frame_count(pixels.shape[2])
+        h, w = pixels.shape[-2:]
+        if h % self.spatial or w % self.spatial:
+            raise UserError(f"frame size {w}x{h} is not a multiple of the VAE's {self.spatial} px")
+        x = pixels.to(device=self.device, dtype=self.dtype)
+        mu = self.vae.encode(x).latent_dist.mode().float()
+        return (mu - self.mean.to(mu.device)) / self.std.to(mu.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``(B, z, F', h, w)`` → pixels ``(B, 3, 4(F'−1)+1, h·s, w·s)`` in [-1, 1] (float32)."""
+        z = latents.float().to(self.device)
+        z = z * self.std.to(z.device) + self.mean.to(z.device)
+        out = self.vae.decode(z.to(self.dtype)).sample.float()
+        return out.clamp(-1.0, 1.0)
+
+
+def load_wan_vae(
+    path: str | os.PathLike, *, kind: str = "wan2.1", dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> WanVae:
+    """Load a Wan VAE (``kind`` ``wan2.1`` or ``wan2.2``) from a diffusers directory or a single file."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: VAE not found (--vae)")
+    vae_dir = p if (p / "config.json").is_file() else (p / "vae" if (p / "vae" / "config.json").is_file() else None)
+    if vae_dir is not None:
+        try:
+            vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{vae_dir}: cannot load the Wan VAE ({e})") from None
+    else:
+        sd, metadata = _read_state_dict(p)
+        cfg: dict[str, Any] = {}
+        if VAE_CONFIG_METADATA_KEY in metadata:
+            cfg = {k: v for k, v in json.loads(metadata[VAE_CONFIG_METADATA_KEY]).items() if k not in _BOOKKEEPING}
+        official = "encoder.conv1.weight" in sd
+        if official:
+            if any(".downsamples.0.downsamples." in k for k in sd) or sd["conv2.weight"].shape[0] == 48:
+                raise UserError(
+                    f"{p}: an official Wan 2.2 VAE file (Wan2.2_VAE.pth) is not supported yet; use the diffusers "
+                    "directory (Wan-AI/Wan2.2-TI2V-5B-Diffusers, vae/)"
+                )
+            if not cfg:
+                cfg = infer_official_config({k: tuple(v.shape) for k, v in sd.items()})
+            sd = convert_wan_vae_to_diffusers(sd)
+        elif "encoder.conv_in.weight" not in sd:
+            raise UserError(f"{p}: not a Wan VAE checkpoint (no encoder.conv1 / encoder.conv_in weights)")
+        with torch.device("meta"):
+            vae = AutoencoderKLWan(**cfg)
+        expected = vae.state_dict()
+        missing = [k for k in expected if k not in sd]
+        unexpected = [k for k in sd if k not in expected]
+        if missing or unexpected:
+            raise UserError(
+                f"{p}: VAE checkpoint does not match AutoencoderKLWan ({len(missing)} missing, e.g. {missing[:3]}; "
+                f"{len(unexpected)} unexpected, e.g. {unexpected[:3]})"
+            )
+        for k, v in sd.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise UserError(f"{p}: VAE tensor {k!r} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
+        vae.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    z = int(vae.config.z_dim)
+    want = 48 if kind == "wan2.2" else 16
+    if z != want:
+        raise UserError(f"{p}: this VAE has {z} latent channels; the task needs the {kind} VAE ({want} channels)")
+    vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    logger.info("loaded Wan VAE (%s, %d channels) from %s", kind, z, p)
+    return WanVae(vae, kind)

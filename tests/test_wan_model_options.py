@@ -1,0 +1,120 @@
+"""Wan DiT with the shared memory options and LoRA-on-load: block swap + checkpointing parity, fp8 targets, pre-cast fp8
+files, the ComfyUI ``model.diffusion_model.`` prefix with a LoRA, and a LoRA of another architecture refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from musubi_tuner.demo.wan_bundle import randomize_, tiny_dit_params
+from musubi_tuner.modules.offloading import BlockSwapConfig
+from musubi_tuner.networks.lora_wan import create_arch_network
+from musubi_tuner.networks.merge import build_lora_delta_hook
+from musubi_tuner.utils.errors import UserError
+from musubi_tuner.wan.configs import get_task_config
+from musubi_tuner.wan.models.dit import WanModel
+from musubi_tuner.wan.models.loading import load_dit
+
+TASK = get_task_config("t2v-1.3B")
+
+
+def tiny(layers: int = 4, seed: int = 0) -> WanModel:
+    p = tiny_dit_params("t2v-1.3B")
+    p["num_layers"] = layers
+    m = WanModel(**p)
+    randomize_(m, seed)
+    return m.requires_grad_(False)
+
+
+def inputs():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([600.0]), [torch.randn(9, 32, generator=g)]
+
+
+def lora_step(model: WanModel) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    torch.manual_seed(5)
+    net = create_arch_network(1.0, 4, 4, None, None, model)
+    net.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
+    for n, p in net.named_parameters():
+        if "lora_up" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    x, t, ctx = inputs()
+    out = model(x, t, ctx)
+    out.square().mean().backward()
+    return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+
+def test_block_swap_and_checkpointing_match_the_plain_step():
+    ref_out, ref_grads = lora_step(tiny())
+    model = tiny()
+    model.enable_gradient_checkpointing(activation_cpu_offloading=True)
+    model.enable_block_swap(2, BlockSwapConfig("cpu", supports_backward=True))
+    model.switch_block_swap_for_training()
+    out, grads = lora_step(model)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-6)
+
+
+def _file(tmp_path, model: WanModel, name: str, prefix: str = "", dtype=torch.float32):
+    path = tmp_path / name
+    sd = {prefix + k: v.to(dtype) if v.dim() == 2 and ".blocks." in "." + k else v for k, v in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"wan_dit_config": json.dumps(model.config)})
+    return path
+
+
+def test_fp8_scaled_targets_only_block_linears(tmp_path):
+    path = _file(tmp_path, tiny(2), "dit.safetensors")
+    m = load_dit(TASK, path, dtype=torch.float32, fp8_base=True, fp8_scaled=True)
+    fp8 = {n for n, p in m.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    assert len(fp8) == 2 * 10  # q/k/v/o self + cross, ffn.0, ffn.2 per block
+    assert all(n.startswith("blocks.") and "norm" not in n and "modulation" not in n for n in fp8)
+    assert m.text_embedding[0].weight.dtype == torch.float32 and m.head.head.weight.dtype == torch.float32
+    x, t, ctx = inputs()
+    ref = load_dit(TASK, path, dtype=torch.float32)
+    assert (m(x, t, ctx) - ref(x, t, ctx)).abs().max() < 0.1 * ref(x, t, ctx).abs().max()
+
+
+def test_precast_fp8_checkpoint_needs_fp8_base(tmp_path):
+    path = _file(tmp_path, tiny(2), "dit_fp8_e4m3fn.safetensors", dtype=torch.float8_e4m3fn)
+    m = load_dit(TASK, path, dtype=torch.bfloat16, fp8_base=True)
+    assert m.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    x, t, ctx = inputs()
+    assert torch.isfinite(m(x, t, ctx)).all()
+    with pytest.raises(UserError, match="--fp8_scaled refuses unscaled fp8"):
+        load_dit(TASK, path, dtype=torch.bfloat16, fp8_base=True, fp8_scaled=True)
+
+
+def test_comfy_prefix_takes_the_same_lora_with_every_module(tmp_path):
+    model = tiny(2)
+    net = create_arch_network(1.0, 4, 4, None, None, model)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    lora = tmp_path / "lora.safetensors"
+    net.save_weights(str(lora), torch.float32, {"ss_network_module": "networks.lora_wan"})
+    plain = _file(tmp_path, model, "plain.safetensors")
+    comfy = _file(tmp_path, model, "comfy.safetensors", prefix="model.diffusion_model.")
+    keys = list(model.state_dict())
+    merged = [
+        load_dit(TASK, p, dtype=torch.float32, lora_deltas=build_lora_delta_hook([lora], [1.0], keys)) for p in (plain, comfy)
+    ]
+    base = load_dit(TASK, plain, dtype=torch.float32)
+    for name in ("blocks.0.self_attn.q.weight", "blocks.1.ffn.2.weight", "blocks.1.cross_attn.o.weight"):
+        a, b, c = (dict(m.named_parameters())[name] for m in (*merged, base))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_lora_of_another_architecture_is_refused(tmp_path):
+    model = tiny(2)
+    other = tmp_path / "k5_lora.safetensors"
+    save_file(
+        {"lora_unet_visual_transformer_blocks_0_self_attention_to_query.lora_down.weight": torch.zeros(4, 64),
+         "lora_unet_visual_transformer_blocks_0_self_attention_to_query.lora_up.weight": torch.zeros(64, 4)},
+        str(other),
+    )  # fmt: skip
+    path = _file(tmp_path, model, "plain.safetensors")
+    with pytest.raises(UserError, match="k5_lora.safetensors"):
+        load_dit(TASK, path, dtype=torch.float32, lora_deltas=build_lora_delta_hook([other], [1.0], list(model.state_dict())))
