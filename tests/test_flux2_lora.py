@@ -108,5 +108,5 @@ def test_loha_in_diffusers_layout_is_refused(lora_files):
 
     dit = lora_files[0]
     net = loha.create_arch_network(1.0, 4, 4, None, None, dit)
-    with pytest.raises(UserError, match="diffusers loads only plain LoRA"):
+    with pytest.raises(UserError, match="are LoHa/LoKr, which diffusers/PEFT cannot load"):
         check_network_lora_format(net, "diffusers", "flux_2")

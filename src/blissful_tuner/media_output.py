@@ -255,9 +255,12 @@ def unique_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
 
 
 def check_output_location(save_path: str | os.PathLike | None, output: str | os.PathLike | None, *, overwrite: bool) -> None:
-    """Before any model loads: ``--save_path DIR`` / ``--output FILE``'s directory must be creatable and writable
-    (created now, probed with a hidden temporary file), and ``--output FILE`` must not exist unless ``--overwrite``.
-    ``UserError`` naming the flag and path otherwise."""
+    """Before any model loads: ``--save_path DIR`` / ``--output FILE``'s directory must be creatable and writable,
+    and ``--output FILE`` must not exist unless ``--overwrite``. ``UserError`` naming the flag and path otherwise.
+
+    Nothing is created: the nearest existing ancestor of the directory is probed with a hidden temporary file that is
+    removed at once (so a run that stops early, e.g. ``--estimate_memory``, leaves no empty directory behind).
+    """
     checks = []
     if save_path:
         checks.append(("--save_path", Path(save_path)))
@@ -269,9 +272,13 @@ def check_output_location(save_path: str | os.PathLike | None, output: str | os.
             raise UserError(f"--output {out}: the file exists; pass --overwrite to replace it (or choose another name)")
         checks.append(("--output", out.parent))
     for flag, directory in checks:
+        existing = directory.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe.", suffix=".tmp")
+            if not existing.is_dir():
+                raise NotADirectoryError(20, "not a directory", str(existing))
+            probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".write_probe.", suffix=".tmp")
             probe.close()
         except OSError as e:
             raise UserError(f"{flag}: cannot write to {directory} ({e.strerror or e}); choose a writable location") from None
