@@ -50,6 +50,23 @@ def out_of_space_message(exc: BaseException) -> str:
     return "no space left on the device (or the file-size limit was reached)"
 
 
+def check_writable_dir(directory: str | os.PathLike, flag: str) -> Path:
+    """Create ``directory`` (with parents) and prove it writable with a hidden temporary file, removed at once.
+
+    Run before any model is loaded, so a read-only or uncreatable output location is one ``UserError`` naming the
+    option and the path instead of a failure after minutes (or hours) of work.
+    """
+    from musubi_tuner.utils.errors import UserError
+
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _create_temp_file(path, ".write_probe.", ".tmp").unlink()
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write to {path} ({e.strerror or e}); choose a writable location") from None
+    return path
+
+
 def _create_temp_file(directory: Path, prefix: str, suffix: str) -> Path:
     """A new empty file with a unique name, created with mode 0o666 so the process umask applies.
 
