@@ -133,6 +133,7 @@ def test_numeric_option_in_a_config_file_names_the_file_and_key(tmp_path, capsys
         (["--sample_every_n_steps", "5"], "--sample_every_n_steps has no effect without --sample_prompts"),
         (["--compile_mode", "max-autotune"], "--compile_mode has no effect without --compile"),
         (["--use_pinned_memory_for_block_swap"], "without --blocks_to_swap"),
+        (["--loss_on_conditioned_frames"], "--loss_on_conditioned_frames is for image-to-video tasks"),
     ],
 )
 def test_an_option_without_the_option_it_belongs_to_is_refused(k5_bundle, cached, tmp_path, capsys, extra, message):
@@ -358,6 +359,26 @@ def test_output_file_is_never_overwritten_without_overwrite(k5_bundle, tmp_path,
     err = exit_2(generate, gen_argv(k5_bundle, "--output", str(existing), dit=MISSING_DIT), capsys)
     assert f"--output {existing}: the file exists; pass --overwrite" in err
     assert existing.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--strict_prompts"], "--strict_prompts applies to prompt lines"),
+        (["--output_type", "latent", "--crf", "10"], "--crf only affects video files; --output_type latent writes none"),
+        (["--output_type", "images", "--save_last_frame"], "--save_last_frame only affects video files"),
+    ],
+)
+def test_generation_options_without_effect_are_refused(k5_bundle, tmp_path, capsys, extra, message):
+    err = exit_2(generate, gen_argv(k5_bundle, "--save_path", str(tmp_path), *extra, dit=MISSING_DIT), capsys)
+    assert message in err
+
+
+def test_unwritable_output_dir_is_refused_before_training(k5_bundle, cached, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    err = exit_2(train, train_argv(k5_bundle, cached, blocker / "out", dit=MISSING_DIT), capsys)
+    assert f"--output_dir: cannot write to {blocker / 'out'}" in err
 
 
 def test_unwritable_output_location_is_refused_before_models_load(k5_bundle, tmp_path, capsys):

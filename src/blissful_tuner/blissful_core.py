@@ -176,6 +176,13 @@ def parse_blissful_args(args: argparse.Namespace, *, num_steps: int | None = Non
         check_output_location(getattr(args, "save_path", None), getattr(args, "output", None), overwrite=args.overwrite)
     if hasattr(args, "codec"):
         args.container = resolve_container(args.codec, getattr(args, "container", None))
+    if getattr(args, "strict_prompts", False) and not (getattr(args, "from_file", None) or getattr(args, "interactive", False)):
+        raise UserError("--strict_prompts applies to prompt lines; add --from_file or --interactive, or drop it")
+    output_type = getattr(args, "output_type", "video")
+    if output_type not in ("video", "both"):  # no video file is written: the video options would do nothing
+        for flag, attr in (("--crf", "crf"), ("--video_bitrate", "video_bitrate"), ("--save_last_frame", "save_last_frame")):
+            if getattr(args, attr, None) not in (None, False):
+                raise UserError(f"{flag} only affects video files; --output_type {output_type} writes none")
     if getattr(args, "crf", None) is not None and getattr(args, "video_bitrate", None) is not None:
         raise UserError("--crf and --video_bitrate cannot be combined")
     if getattr(args, "crf", None) is not None and not 0 <= args.crf <= 51:

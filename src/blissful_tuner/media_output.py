@@ -22,7 +22,6 @@ replaced unless ``overwrite``; ``_`` is appended to the stem until the name is f
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from blissful_tuner.blissful_logger import get_logger
-from musubi_tuner.utils.atomic import atomic_path, save_safetensors_atomic
+from musubi_tuner.utils.atomic import atomic_path, check_writable_dir, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.generation_metadata import MP4_OPTIONS, png_info, set_container_metadata
 
@@ -272,16 +271,7 @@ def check_output_location(save_path: str | os.PathLike | None, output: str | os.
             raise UserError(f"--output {out}: the file exists; pass --overwrite to replace it (or choose another name)")
         checks.append(("--output", out.parent))
     for flag, directory in checks:
-        existing = directory.absolute()
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        try:
-            if not existing.is_dir():
-                raise NotADirectoryError(20, "not a directory", str(existing))
-            probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".write_probe.", suffix=".tmp")
-            probe.close()
-        except OSError as e:
-            raise UserError(f"{flag}: cannot write to {directory} ({e.strerror or e}); choose a writable location") from None
+        check_writable_dir(directory, flag)
 
 
 def check_output_type(output_type: str, allowed: Sequence[str] | None = None) -> str:

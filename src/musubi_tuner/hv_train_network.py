@@ -57,6 +57,7 @@ from musubi_tuner.training.saving import (
 )
 from musubi_tuner.training.timesteps import TimestepConfig, TimestepSampler, noisy_input, show_timesteps
 from musubi_tuner.training.validation import should_validate, validation_loss
+from musubi_tuner.utils.atomic import check_writable_dir
 from musubi_tuner.utils.dtypes import parse_dtype
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
@@ -429,6 +430,7 @@ class NetworkTrainer:
         check_lora_format(args.lora_format, self.architecture_full_name)
         check_dependent_options(args)
         self._check_dependencies(args)
+        check_writable_dir(args.output_dir, "--output_dir")  # the LoRA is written at the end: fail now, not then
         if args.resume:
             resume_mod.verify_state_dir(resume_mod.resolve_state_dir(args.resume))
         return True

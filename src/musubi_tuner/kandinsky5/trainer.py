@@ -76,6 +76,10 @@ class Kandinsky5NetworkTrainer(NetworkTrainer):
         self.default_vae_dtype = torch.bfloat16
         if args.i2v_mode is not None and not task.is_i2v:
             raise UserError(f"--i2v_mode is for image-to-video tasks; --task {task.name} is not one")
+        if args.loss_on_conditioned_frames and not task.is_i2v:
+            raise UserError(
+                f"--loss_on_conditioned_frames is for image-to-video tasks; --task {task.name} has no conditioned frames"
+            )
         self.i2v_mode = (args.i2v_mode or "first") if task.is_i2v else "none"
         self.nabla = resolve_nabla_settings(
             task,

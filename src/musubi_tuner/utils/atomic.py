@@ -50,6 +50,29 @@ def out_of_space_message(exc: BaseException) -> str:
     return "no space left on the device (or the file-size limit was reached)"
 
 
+def check_writable_dir(directory: str | os.PathLike, flag: str) -> Path:
+    """Prove that ``directory`` can be created (or exists) and is writable, without creating anything.
+
+    The nearest existing ancestor is probed with a hidden temporary file, removed at once. Run before any model is
+    loaded, so a read-only or uncreatable output location is one ``UserError`` naming the option and the path instead
+    of a failure after minutes (or hours) of work; a run that stops early (``--estimate_memory``, a later error)
+    leaves no empty directory behind.
+    """
+    from musubi_tuner.utils.errors import UserError
+
+    path = Path(directory)
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(existing))
+        _create_temp_file(existing, ".write_probe.", ".tmp").unlink()
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write to {path} ({e.strerror or e}); choose a writable location") from None
+    return path
+
+
 def _create_temp_file(directory: Path, prefix: str, suffix: str) -> Path:
     """A new empty file with a unique name, created with mode 0o666 so the process umask applies.
 
