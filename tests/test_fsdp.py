@@ -247,7 +247,12 @@ def test_sharding_config_from_accelerate_env():
             True,
             "--blocks_to_swap 4 cannot be combined",
         ),
-        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_USE_CPU": "true"}, {}, True, "use_cpu: true"),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_USE_CPU": "true"},
+            {},
+            True,
+            "ACCELERATE_USE_CPU=true (use_cpu)",
+        ),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, {}, False, "fsdp_offload_params"),
     ],
 )

@@ -97,8 +97,8 @@ def check_sharding_request(
         )
     if _flag(env, "ACCELERATE_USE_CPU", False) and cuda_available:
         raise UserError(
-            "the accelerate config asks for FSDP sharding together with use_cpu: true on a machine with CUDA; "
-            "accelerate would run unsharded CPU processes. Remove use_cpu (CPU-only machines use gloo automatically)"
+            "FSDP sharding was requested together with ACCELERATE_USE_CPU=true (use_cpu) on a machine with CUDA; "
+            "accelerate would run unsharded CPU processes. Unset it (CPU-only machines use gloo automatically)"
         )
 
 
