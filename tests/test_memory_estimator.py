@@ -5,6 +5,7 @@ the formulas, and the CLI on the tiny bundle (reading no tensor data, JSON schem
 from __future__ import annotations
 
 import contextlib
+import gc as pygc
 import json
 import math
 from pathlib import Path
@@ -21,7 +22,7 @@ from musubi_tuner.memory.tracker import LiveTensorTracker
 from musubi_tuner.modules.checkpointing import record_kept_input_bytes, record_saved_activation_devices
 from musubi_tuner.utils.safetensors_utils import header_only_reads
 
-LATENT = (1, 16, 4, 16, 16)  # 256 visual tokens: a CPU step in about a second
+LATENT = (1, 16, 2, 16, 16)  # 128 visual tokens: a CPU step in about a second
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,7 @@ def _traced(path: Path, *, fake: bool, fp8: bool, dtype: torch.dtype, gc: bool, 
         if fake:
             _step(dit, net, inputs, autocast, tracker)
             return tracker.result, None
+        pygc.collect()  # garbage of earlier tests must not be collected (and reallocated around) inside the measurement
         with cpu_allocator_peak() as peak:
             _step(dit, net, inputs, autocast, tracker)
     return tracker.result, before + peak.peak
@@ -94,7 +96,10 @@ def test_trace_matches_cpu_allocator_and_real_dispatch(small_checkpoints, name):
     real, allocator = _traced(path, fake=False, **cfg)
     assert fake.peak == real.peak and fake.phase_peaks == real.phase_peaks  # fake = real dispatch, exactly
     assert fake.at_peak == real.at_peak
-    assert 0.92 <= fake.peak / allocator <= 1.08, (name, fake.peak, allocator)  # spec target ±8 %
+    # spec target ±8 %, plus up to 16 MiB of kernel-internal scratch (oneDNN) that no dispatch trace sees: a constant
+    # the spec measured (§3.2), which depends on what ran before in the process and weighs heavily on a small model
+    scratch = 16 * 2**20
+    assert 0.92 * allocator - scratch <= fake.peak <= 1.08 * allocator, (name, fake.peak, allocator)
 
 
 def test_scaling_and_orderings(small_checkpoints):
@@ -102,10 +107,11 @@ def test_scaling_and_orderings(small_checkpoints):
         cfg = {**CONFIGS["fp32-noGC"], "fp8": fp8, **kw}  # fake traces only: no compute, any dtype is fast
         return _traced(small_checkpoints[fp8], fake=True, **cfg)[0]
 
-    small, big = trace(), trace(latent=(1, 16, 8, 16, 16))  # twice the tokens
+    latent = (1, 16, 4, 16, 16)
+    small, big = trace(latent=latent), trace(latent=(1, 16, 8, 16, 16))  # twice the tokens
     ratio = big.at_peak["forward"] / small.at_peak["forward"]
     assert 1.85 <= ratio <= 2.15, ratio  # activations linear in tokens (flash-style attention)
-    assert trace(gc=True).peak < small.peak
+    assert trace(gc=True, latent=latent).peak < small.peak
     bf16 = trace(dtype=torch.bfloat16)
     # bf16 weights: autocast saves the fp32 copies of the LoRA'd inputs that --mixed_precision no keeps
     assert trace(dtype=torch.bfloat16, autocast=True).peak <= bf16.peak

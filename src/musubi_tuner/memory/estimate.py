@@ -94,11 +94,24 @@ class TrainingEstimator:
             self._traces[key] = trace_training_step(self.trainer, self.args, self.hooks, self.shape, s)
         return self._traces[key]
 
+    def _run_notes(self) -> list[str]:
+        """Options of the command line the estimate does not model (spec §11), said rather than guessed."""
+        a, notes = self.args, []
+        if getattr(a, "compile", False):
+            notes.append("--compile is not traced: this is the eager-mode estimate, an upper bound")
+        if getattr(a, "sample_prompts", None):
+            notes.append("sampling during training (--sample_prompts: text encoders, VAE decode) is not modelled")
+        if self.shape.buckets > 1:
+            notes.append(f"{self.shape.buckets} bucket shapes: +{self.calibration.multi_bucket_slack:.0%} allocator slack")
+        if getattr(a, "network_module", "") and not str(a.network_module).split(".")[-1].startswith(("lora", "loha")):
+            notes.append(f"--network_module {a.network_module}: traced as created; its own memory tricks are not known")
+        return notes
+
     def predict(self, s: Settings) -> Prediction:
         """Traced peak + the §8 formulas for ``s``."""
         t = self.trace(s)
         c = self.calibration
-        notes = list(t.notes)
+        notes = list(t.notes) + self._run_notes()
         kind = _optimizer_kind(s.optimizer)
         bnb = formulas.bnb_8bit_state_bytes(t.trainable_numels) if kind == "bnb8" else 0
         unknown_opt = 8 * sum(t.trainable_numels) if kind == "unknown" else 0
@@ -215,7 +228,9 @@ def suggest(est: TrainingEstimator, user: Settings, gpu_total: int, margin: floa
         )
     else:
         p = est.predict(offload)
-        dominant = max(p.trace.result.at_peak.items(), key=lambda kv: kv[1], default=("?", 0))
+        terms = dict(p.trace.result.at_peak)
+        terms.update({f"CUDA {k}": p.formula[k] for k in ("context", "workspaces")}, **{"allocator slack": p.formula["slack"]})
+        dominant = max(terms.items(), key=lambda kv: kv[1])
         out.append(
             {
                 "change": f"nothing fits: the largest term at the peak is {dominant[0]} ({dominant[1] / GiB:.2f} GiB)",
