@@ -83,10 +83,13 @@ def test_t2v_training_through_accelerate_launch(wan_data, wan_t2v_bundle, tmp_pa
         assert f.metadata()["ss_wan_task"] == "t2v-1.3B"
 
 
-def test_i2v_training_with_clip_tokens(wan_data, wan_i2v_bundle, tmp_path):
-    train_main(argv("i2v-14B", wan_i2v_bundle.dit, wan_data, tmp_path))
-    names = modules(tmp_path / "wan.safetensors")
-    assert len(names) == 2 * 12 and "lora_unet_blocks_0_cross_attn_k_img" in names
+def test_i2v_training_with_clip_tokens_saved_in_diffusers_layout(wan_data, wan_i2v_bundle, tmp_path):
+    train_main(argv("i2v-14B", wan_i2v_bundle.dit, wan_data, tmp_path, "--lora_format", "diffusers"))
+    with safe_open(str(tmp_path / "wan.safetensors"), "pt") as f:
+        keys, md = set(f.keys()), f.metadata()
+    names = {k.rsplit(".lora_", 1)[0] for k in keys}
+    assert len(names) == 2 * 12 and "transformer.blocks.0.attn2.add_k_proj" in names and "transformer.blocks.1.ffn.net.2" in names
+    assert md["ss_lora_format"] == "diffusers"
 
 
 class ExpertRecorder(WanNetworkTrainer):

@@ -90,6 +90,7 @@ class WanNetworkTrainer(NetworkTrainer):
         self.expert_mode: str | None = None
         self.boundary: float | None = None
         self._active_expert: str | None = None
+        self._diffusers_format = False
         self.default_vae_dtype = torch.bfloat16
 
     @property
@@ -115,6 +116,10 @@ class WanNetworkTrainer(NetworkTrainer):
         self.default_discrete_flow_shift = task.shift
         self.vae_frame_stride = 1 if task.image_only else 4
         self.resolution_step = task.resolution_step
+        if args.lora_format == "diffusers":
+            # the shared saver knows official module names only: save kohya, rewrite with the Wan diffusers table
+            self._diffusers_format = True
+            args.lora_format = "kohya"
         if args.force_v2_1_time_embedding:
             logger.info("--force_v2_1_time_embedding: no effect (only TI2V-5B uses per-token timesteps)")
         if args.vae_cache_cpu:
@@ -136,7 +141,8 @@ class WanNetworkTrainer(NetworkTrainer):
                     )
                 if args.lora_format != "kohya":
                     raise UserError(
-                        f"--lora_format {args.lora_format} with --expert both: save kohya files and convert each with convert_lora.py"
+                        f"--lora_format {args.lora_format} with --expert both: save kohya (or diffusers) files and convert each "
+                        "with convert_lora.py"
                     )
                 if args.min_timestep is not None or args.max_timestep is not None:
                     raise UserError(
@@ -248,6 +254,8 @@ class WanNetworkTrainer(NetworkTrainer):
     def extra_metadata(self, args: argparse.Namespace) -> dict[str, str]:
         assert self.task is not None
         md = {"ss_wan_task": self.task.name}
+        if self._diffusers_format:
+            md["ss_lora_format"] = "diffusers"
         if self.expert_mode is not None:
             md["ss_wan_expert"] = self.expert_mode
             md["ss_wan_timestep_boundary"] = f"{self.boundary:g}"
@@ -258,8 +266,13 @@ class WanNetworkTrainer(NetworkTrainer):
         return md
 
     def on_post_save(self, args: argparse.Namespace, accelerator: Any, path: Path) -> None:
-        """``--expert both``: replace the combined file by ``<stem>_high_noise`` and ``<stem>_low_noise``."""
+        """``--expert both``: replace the combined file by ``<stem>_high_noise`` and ``<stem>_low_noise``;
+        ``--lora_format diffusers``: rewrite each file with the Wan diffusers module names."""
+        from musubi_tuner.wan.lora_formats import rewrite_as_diffusers
+
         if self.expert_mode != "both":
+            if self._diffusers_format:
+                rewrite_as_diffusers(path)
             return
         from safetensors import safe_open
 
@@ -280,6 +293,8 @@ class WanNetworkTrainer(NetworkTrainer):
             md["sshs_model_hash"], md["sshs_legacy_hash"] = model_hash, legacy_hash
             out = path.with_name(f"{path.stem}_{expert}_noise{path.suffix}")
             save_safetensors_atomic(part, out, md)
+            if self._diffusers_format:
+                rewrite_as_diffusers(out)
             logger.info(f"saved {out} ({len(part) // 3} modules, t {md['modelspec.timestep_range']})")
         path.unlink()
 
