@@ -117,6 +117,10 @@ class WanNetworkTrainer(NetworkTrainer):
         self.vae_frame_stride = 1 if task.image_only else 4
         self.resolution_step = task.resolution_step
         if args.lora_format == "diffusers":
+            if "loha" in (args.network_module or "").lower() or "lycoris" in (args.network_module or "").lower():
+                raise UserError(
+                    f"--lora_format diffusers with --network_module {args.network_module}: diffusers loads LoRA only; save kohya"
+                )
             # the shared saver knows official module names only: save kohya, rewrite with the Wan diffusers table
             self._diffusers_format = True
             args.lora_format = "kohya"
