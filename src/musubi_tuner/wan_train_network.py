@@ -30,6 +30,13 @@ logger = get_logger(__name__)
 ARCH = "wan"
 ARCH_FULL = "wan"
 EXPERT_CHOICES = ("both", "high", "low")
+BLISSFUL_REFUSED = {
+    "--mixed_precision_transformer": "the DiT keeps its float32 islands (norms, modulation, time embedding) already",
+    "--simple_modulation": "not implemented (approximates the modulation; the product keeps the reference math)",
+    "--lower_precision_attention": "not implemented (attention runs in the compute dtype)",
+    "--optimized_compile": "not implemented; use --compile with the --compile_* options",
+    "--disable_blockwise_quant": "fp8 quantisation here is block-wise by design; use --fp8_base without --fp8_scaled for plain casts",
+}
 
 
 def _boundary_arg(value: str) -> float:
@@ -72,6 +79,17 @@ def add_wan_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="Wan 2.2 A14B (required there): both = one LoRA per expert in one run (<name>_high_noise / <name>_low_noise); "
         "high / low = train that expert only, on its side of the boundary",
     )
+    b = parser.add_argument_group("Wan (blissful-tuner options)")
+    b.add_argument(
+        "--rope_func",
+        type=str,
+        default="default",
+        choices=("default", "comfy"),
+        help="accepted: our RoPE is real-valued either way",
+    )
+    for flag, why in BLISSFUL_REFUSED.items():
+        b.add_argument(flag, action="store_true", help=f"refused: {why}")
+    b.add_argument("--compile_args", nargs=4, default=None, help="refused: use --compile / --compile_backend / --compile_mode ...")
     return parser
 
 
@@ -106,6 +124,11 @@ class WanNetworkTrainer(NetworkTrainer):
     def handle_model_specific_args(self, args: argparse.Namespace) -> None:
         task = get_task_config(args.task)
         self.task = task
+        for flag, why in BLISSFUL_REFUSED.items():
+            if getattr(args, flag.lstrip("-")):
+                raise UserError(f"{flag}: {why}")
+        if args.compile_args is not None:
+            raise UserError("--compile_args: use --compile with --compile_backend / --compile_mode / --compile_dynamic")
         if args.one_frame:
             raise UserError("--one_frame: one-frame training is not implemented for Wan in this release")
         if task.flf2v:
