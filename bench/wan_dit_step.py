@@ -97,7 +97,12 @@ def worker(side: str, steps: int, threads: int, device: str, dtype: str) -> dict
         step()
     if cuda:
         torch.cuda.synchronize()
-    return {"side": side, "seconds_per_step": (time.perf_counter() - t0) / steps, "peak_extra_mib": peak / 2**20, "lora_modules": n_lora}
+    return {
+        "side": side,
+        "seconds_per_step": (time.perf_counter() - t0) / steps,
+        "peak_extra_mib": peak / 2**20,
+        "lora_modules": n_lora,
+    }
 
 
 def main() -> None:
@@ -115,7 +120,20 @@ def main() -> None:
     results: dict[str, dict] = {}
     for _ in range(a.repeats):
         for side in ("ours", "diffusers"):
-            cmd = [sys.executable, __file__, "--worker", side, "--steps", str(a.steps), "--threads", str(a.threads), "--device", a.device, "--dtype", a.dtype]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                side,
+                "--steps",
+                str(a.steps),
+                "--threads",
+                str(a.threads),
+                "--device",
+                a.device,
+                "--dtype",
+                a.dtype,
+            ]
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             if side not in results or r["seconds_per_step"] < results[side]["seconds_per_step"]:
                 results[side] = r

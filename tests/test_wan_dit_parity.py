@@ -267,3 +267,28 @@ def test_checkpoint_of_another_variant_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_dit(get_task_config("t2v-14B"), tmp_path / "missing.safetensors")
     assert open_weights(path).keys()
+
+
+def test_nag_formula_and_alpha():
+    from musubi_tuner.wan.models.dit import nag_combine
+
+    zp = torch.tensor([[[1.0, -2.0, 0.5]]])
+    zn = torch.tensor([[[0.0, 1.0, 1.0]]])
+    s, tau, alpha = 4.0, 1.5, 0.25
+    zt = [4 * 1.0 - 3 * 0.0, 4 * -2.0 - 3 * 1.0, 4 * 0.5 - 3 * 1.0]  # [4, -11, -1]
+    r = sum(abs(v) for v in zt) / 3.5  # 16 / 3.5 > tau
+    want = [alpha * v * tau / r + (1 - alpha) * p for v, p in zip(zt, [1.0, -2.0, 0.5])]
+    assert nag_combine(zp, zn, s, tau, alpha)[0, 0].tolist() == pytest.approx(want)
+    assert torch.equal(nag_combine(zp, zn, 1.0, tau, 0.7), zp)  # scale 1: no guidance
+    assert not torch.allclose(nag_combine(zp, zn, s, tau, 0.5), nag_combine(zp, zn, s, tau, 0.9))  # --nag_alpha matters
+
+
+@torch.no_grad()
+def test_nag_in_the_model_changes_only_with_a_negative():
+    _, ours, _ = make_pair(diffusers_cfg(), ours_params())
+    x, ctx, t = latents(b=1), text()[:1], torch.tensor([500.0])
+    plain = ours(x, t, ctx)
+    same = ours(x, t, ctx, nag=(ctx, 5.0, 3.5, 0.5))  # negative == prompt: z− = z+, so z̃ = z+
+    assert (same - plain).abs().max() < 1e-5
+    neg = torch.randn_like(ctx)
+    assert (ours(x, t, ctx, nag=(neg, 5.0, 3.5, 0.5)) - plain).abs().max() > 1e-3

@@ -118,3 +118,43 @@ def test_lora_of_another_architecture_is_refused(tmp_path):
     path = _file(tmp_path, model, "plain.safetensors")
     with pytest.raises(UserError, match="k5_lora.safetensors"):
         load_dit(TASK, path, dtype=torch.float32, lora_deltas=build_lora_delta_hook([other], [1.0], list(model.state_dict())))
+
+
+def test_diffusers_lora_file_loads_in_diffusers_and_matches_our_model(tmp_path):
+    """``--lora_format diffusers``: the file loads with ``load_lora_adapter`` on diffusers' model (every key names a
+    module there, every module gets its adapter) and gives our LoRA-applied output (I2V: k_img/v_img included)."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    from musubi_tuner.wan.lora_formats import kohya_to_diffusers
+    from musubi_tuner.wan.models.loading import DIFFUSERS_KEY_MAP
+
+    cfg = dict(num_attention_heads=4, attention_head_dim=16, in_channels=36, out_channels=16, text_dim=32, ffn_dim=128,
+               num_layers=2, image_dim=24, added_kv_proj_dim=64)  # fmt: skip
+    ref = WanTransformer3DModel(**cfg).eval()
+    sd = {k: torch.randn_like(v) * 0.2 + ("norm" in k and "weight" in k) for k, v in ref.state_dict().items()}
+    ref.load_state_dict(sd)
+    mapped = DIFFUSERS_KEY_MAP.map_keys(sd.keys())
+    ours = WanModel(in_dim=36, dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, image_dim=24).eval()
+    ours.load_state_dict({mapped[k]: v for k, v in sd.items() if k in mapped})
+    net = create_arch_network(1.0, 4, 2, None, None, ours)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    net.apply_to(None, ours, apply_text_encoder=False, apply_unet=True)
+    kohya = tmp_path / "k.safetensors"
+    net.save_weights(str(kohya), torch.float32, {})
+    converted, _ = kohya_to_diffusers(load_file(str(kohya)), {}, "k")
+    modules = dict(ref.named_modules())
+    assert {k.rsplit(".lora_", 1)[0].removeprefix("transformer.") for k in converted} <= set(modules)
+    assert any(".attn2.add_k_proj.lora_A" in k for k in converted) and any(".ffn.net.0.proj.lora_B" in k for k in converted)
+    ref.load_lora_adapter(converted, prefix="transformer", adapter_name="wan")
+    with_adapter = {n for n, m in ref.named_modules() if hasattr(m, "lora_A") and "wan" in m.lora_A}
+    assert len(with_adapter) == len(net.unet_loras) == 2 * 12
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 20, 2, 4, 4, generator=g)
+    ctx, clip = torch.randn(1, 512, 32, generator=g), torch.randn(1, 257, 24, generator=g)
+    t = torch.tensor([300.0])
+    with torch.no_grad():
+        want = ours(x, t, ctx, clip_fea=clip, y=y)
+        got = ref(torch.cat([x, y], 1), t, ctx, encoder_hidden_states_image=clip, return_dict=False)[0]
+    assert (got - want).abs().max() / want.abs().max() < 3e-5

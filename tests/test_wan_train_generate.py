@@ -83,10 +83,13 @@ def test_t2v_training_through_accelerate_launch(wan_data, wan_t2v_bundle, tmp_pa
         assert f.metadata()["ss_wan_task"] == "t2v-1.3B"
 
 
-def test_i2v_training_with_clip_tokens(wan_data, wan_i2v_bundle, tmp_path):
-    train_main(argv("i2v-14B", wan_i2v_bundle.dit, wan_data, tmp_path))
-    names = modules(tmp_path / "wan.safetensors")
-    assert len(names) == 2 * 12 and "lora_unet_blocks_0_cross_attn_k_img" in names
+def test_i2v_training_with_clip_tokens_saved_in_diffusers_layout(wan_data, wan_i2v_bundle, tmp_path):
+    train_main(argv("i2v-14B", wan_i2v_bundle.dit, wan_data, tmp_path, "--lora_format", "diffusers"))
+    with safe_open(str(tmp_path / "wan.safetensors"), "pt") as f:
+        keys, md = set(f.keys()), f.metadata()
+    names = {k.rsplit(".lora_", 1)[0] for k in keys}
+    assert len(names) == 2 * 12 and "transformer.blocks.0.attn2.add_k_proj" in names and "transformer.blocks.1.ffn.net.2" in names
+    assert md["ss_lora_format"] == "diffusers"
 
 
 class ExpertRecorder(WanNetworkTrainer):
@@ -199,3 +202,56 @@ def test_generate_refuses_flags_by_name(wan_t2v_bundle, tmp_path):
             parse_args([*base, *extra])
     with pytest.raises(UserError, match="multiple of 16"):
         parse_args([*base[:-5], "--video_size", "40", "32", "--video_length", "5"])
+
+
+def test_ti2v_5b_caches_trains_and_generates(tmp_path_factory, wan_data):
+    """TI2V-5B: 48-channel latents from the Wan 2.2 VAE, per-token timesteps in training, first-frame conditioning."""
+    from musubi_tuner.demo.wan_bundle import write_wan_bundle
+    from musubi_tuner.wan_cache_latents import main as cache_latents
+    from musubi_tuner.wan_cache_text_encoder_outputs import main as cache_text
+    from musubi_tuner.wan_generate_video import main as generate
+
+    root = tmp_path_factory.mktemp("ti2v")
+    b = write_wan_bundle(root / "bundle", task="ti2v-5B", seed=0)
+    ds = write_synthetic_video_dataset(root / "data", n_videos=1, n_images=0, seed=2)
+    cache_latents(["--dataset_config", str(ds.video_toml), "--vae", str(b.vae22), "--task", "ti2v-5B", "--device", "cpu"])
+    cache_text(["--dataset_config", str(ds.video_toml), "--t5", str(b.t5), "--device", "cpu"])
+    files = sorted((root / "data").rglob("*_wan.safetensors"))
+    with safe_open(str(files[0]), "pt") as f:
+        assert [k for k in f.keys() if k.startswith("latents")] == ["latents_5x4x4_bfloat16"]  # 48 ch, ×16 spatial
+        assert f.get_slice("latents_5x4x4_bfloat16").get_shape()[0] == 48
+    out = root / "out"
+    train_main(["--task", "ti2v-5B", "--dit", str(b.dit), "--dataset_config", str(ds.video_toml), "--network_module",
+                "networks.lora_wan", "--network_dim", "4", "--output_dir", str(out), "--output_name", "ti2v",
+                "--max_data_loader_n_workers", "0", "--dit_dtype", "float32", "--max_train_steps", "1"])  # fmt: skip
+    assert len(modules(out / "ti2v.safetensors")) == 20
+    generate(["--task", "ti2v-5B", "--dit", str(b.dit), "--vae", str(b.vae22), "--t5", str(b.t5), "--prompt", "a ball",
+              "--image_path", str(wan_data.start_image), "--video_size", "64", "64", "--video_length", "5",
+              "--infer_steps", "2", "--save_path", str(root / "gen"), "--device", "cpu", "--output_type", "latent"])  # fmt: skip
+    latent = load_file(str(next((root / "gen").glob("*.safetensors"))))
+    assert next(iter(latent.values())).shape[-4:] == (48, 2, 4, 4)
+    from musubi_tuner.wan.generate.args import parse_args
+
+    with pytest.raises(UserError, match="multiple of 32"):
+        parse_args(["--task", "ti2v-5B", "--dit", str(b.dit), "--vae", str(b.vae22), "--t5", str(b.t5), "--prompt", "x",
+                  "--video_size", "48", "64", "--video_length", "5", "--save_path", str(root / "gen")])  # fmt: skip
+
+
+def test_text_cache_of_another_encoder_is_one_clear_error(wan_data, wan_t2v_bundle, tmp_path):
+    import shutil
+
+    from musubi_tuner.utils.atomic import save_safetensors_atomic
+
+    data = tmp_path / "data"
+    shutil.copytree(wan_data.root, data)
+    config = data / wan_data.config.name
+    config.write_text(wan_data.config.read_text().replace(str(wan_data.root), str(data)))
+    for te in data.rglob("*_wan_te.safetensors"):
+        with safe_open(str(te), "pt") as f:
+            md, t = f.metadata(), f.get_tensor("varlen_t5_bfloat16")
+        save_safetensors_atomic({"varlen_text_embeds_bfloat16": t}, te, md)
+    args = setup_parser().parse_args(
+        argv("t2v-1.3B", wan_t2v_bundle.dit, WanData(config, wan_data.start_image, data), tmp_path / "out")
+    )
+    with pytest.raises(UserError, match="_wan_te.safetensors\\) has no Wan T5 states"):
+        WanNetworkTrainer().train(args)

@@ -30,6 +30,13 @@ logger = get_logger(__name__)
 ARCH = "wan"
 ARCH_FULL = "wan"
 EXPERT_CHOICES = ("both", "high", "low")
+BLISSFUL_REFUSED = {
+    "--mixed_precision_transformer": "the DiT keeps its float32 islands (norms, modulation, time embedding) already",
+    "--simple_modulation": "not implemented (approximates the modulation; the product keeps the reference math)",
+    "--lower_precision_attention": "not implemented (attention runs in the compute dtype)",
+    "--optimized_compile": "not implemented; use --compile with the --compile_* options",
+    "--disable_blockwise_quant": "fp8 quantisation here is block-wise by design; use --fp8_base without --fp8_scaled for plain casts",
+}
 
 
 def _boundary_arg(value: str) -> float:
@@ -72,6 +79,17 @@ def add_wan_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="Wan 2.2 A14B (required there): both = one LoRA per expert in one run (<name>_high_noise / <name>_low_noise); "
         "high / low = train that expert only, on its side of the boundary",
     )
+    b = parser.add_argument_group("Wan (blissful-tuner options)")
+    b.add_argument(
+        "--rope_func",
+        type=str,
+        default="default",
+        choices=("default", "comfy"),
+        help="accepted: our RoPE is real-valued either way",
+    )
+    for flag, why in BLISSFUL_REFUSED.items():
+        b.add_argument(flag, action="store_true", help=f"refused: {why}")
+    b.add_argument("--compile_args", nargs=4, default=None, help="refused: use --compile / --compile_backend / --compile_mode ...")
     return parser
 
 
@@ -90,6 +108,7 @@ class WanNetworkTrainer(NetworkTrainer):
         self.expert_mode: str | None = None
         self.boundary: float | None = None
         self._active_expert: str | None = None
+        self._diffusers_format = False
         self.default_vae_dtype = torch.bfloat16
 
     @property
@@ -105,6 +124,11 @@ class WanNetworkTrainer(NetworkTrainer):
     def handle_model_specific_args(self, args: argparse.Namespace) -> None:
         task = get_task_config(args.task)
         self.task = task
+        for flag, why in BLISSFUL_REFUSED.items():
+            if getattr(args, flag.lstrip("-")):
+                raise UserError(f"{flag}: {why}")
+        if args.compile_args is not None:
+            raise UserError("--compile_args: use --compile with --compile_backend / --compile_mode / --compile_dynamic")
         if args.one_frame:
             raise UserError("--one_frame: one-frame training is not implemented for Wan in this release")
         if task.flf2v:
@@ -115,6 +139,14 @@ class WanNetworkTrainer(NetworkTrainer):
         self.default_discrete_flow_shift = task.shift
         self.vae_frame_stride = 1 if task.image_only else 4
         self.resolution_step = task.resolution_step
+        if args.lora_format == "diffusers":
+            if "loha" in (args.network_module or "").lower() or "lycoris" in (args.network_module or "").lower():
+                raise UserError(
+                    f"--lora_format diffusers with --network_module {args.network_module}: diffusers loads LoRA only; save kohya"
+                )
+            # the shared saver knows official module names only: save kohya, rewrite with the Wan diffusers table
+            self._diffusers_format = True
+            args.lora_format = "kohya"
         if args.force_v2_1_time_embedding:
             logger.info("--force_v2_1_time_embedding: no effect (only TI2V-5B uses per-token timesteps)")
         if args.vae_cache_cpu:
@@ -136,7 +168,8 @@ class WanNetworkTrainer(NetworkTrainer):
                     )
                 if args.lora_format != "kohya":
                     raise UserError(
-                        f"--lora_format {args.lora_format} with --expert both: save kohya files and convert each with convert_lora.py"
+                        f"--lora_format {args.lora_format} with --expert both: save kohya (or diffusers) files and convert each "
+                        "with convert_lora.py"
                     )
                 if args.min_timestep is not None or args.max_timestep is not None:
                     raise UserError(
@@ -248,6 +281,8 @@ class WanNetworkTrainer(NetworkTrainer):
     def extra_metadata(self, args: argparse.Namespace) -> dict[str, str]:
         assert self.task is not None
         md = {"ss_wan_task": self.task.name}
+        if self._diffusers_format:
+            md["ss_lora_format"] = "diffusers"
         if self.expert_mode is not None:
             md["ss_wan_expert"] = self.expert_mode
             md["ss_wan_timestep_boundary"] = f"{self.boundary:g}"
@@ -258,8 +293,13 @@ class WanNetworkTrainer(NetworkTrainer):
         return md
 
     def on_post_save(self, args: argparse.Namespace, accelerator: Any, path: Path) -> None:
-        """``--expert both``: replace the combined file by ``<stem>_high_noise`` and ``<stem>_low_noise``."""
+        """``--expert both``: replace the combined file by ``<stem>_high_noise`` and ``<stem>_low_noise``;
+        ``--lora_format diffusers``: rewrite each file with the Wan diffusers module names."""
+        from musubi_tuner.wan.lora_formats import rewrite_as_diffusers
+
         if self.expert_mode != "both":
+            if self._diffusers_format:
+                rewrite_as_diffusers(path)
             return
         from safetensors import safe_open
 
@@ -280,6 +320,8 @@ class WanNetworkTrainer(NetworkTrainer):
             md["sshs_model_hash"], md["sshs_legacy_hash"] = model_hash, legacy_hash
             out = path.with_name(f"{path.stem}_{expert}_noise{path.suffix}")
             save_safetensors_atomic(part, out, md)
+            if self._diffusers_format:
+                rewrite_as_diffusers(out)
             logger.info(f"saved {out} ({len(part) // 3} modules, t {md['modelspec.timestep_range']})")
         path.unlink()
 

@@ -55,7 +55,7 @@ def text_from_batch(batch: dict[str, Any]) -> list[torch.Tensor]:
     if t5 is None:
         keys = sorted(k for k in batch if not k.startswith("latents"))
         raise UserError(
-            f"the text-encoder cache of {batch.get('item_keys', ['?'])[0]} has no Wan T5 states (varlen_t5); "
+            f"{batch.get('item_keys', ['?'])[0]}: the matching text-encoder cache (*_wan_te.safetensors) has no Wan T5 states (varlen_t5); "
             f"batch keys: {keys} (cache written by another architecture or text encoder? re-run wan_cache_text_encoder_outputs.py)"
         )
     if isinstance(t5, torch.Tensor):

@@ -55,6 +55,7 @@ def sample_latents(
     on_expert: Callable[[str | None], None] | None = None,
     step_callback: Callable[[int, torch.Tensor, float], None] | None = None,
     riflex_index: int = 0,
+    nag: tuple[torch.Tensor, float, float, float] | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Sample one latent ``(C, F', h, w)`` (float32, CPU).
@@ -75,6 +76,7 @@ def sample_latents(
             and those blocks skipped; ``v += scale·(v_cond − v_skip)``.
         on_expert: called with the expert about to run when it changes (offload the inactive one).
         step_callback: ``(step, x, sigma_next)`` after each step (previews).
+        nag: ``(negative T5 states (L, 4096), scale, tau, alpha)``: NAG in the prompt pass's cross-attention.
     """
     experts = dict(dits) if isinstance(dits, Mapping) else {None: dits}
     if boundary is not None and set(experts) != {"high", "low"}:
@@ -98,6 +100,7 @@ def sample_latents(
     y_in = y[None].to(device=device, dtype=dtype) if y is not None else None
     clip_in = clip_fea.to(device) if clip_fea is not None else None
     grid = _grid(first, latent_shape)
+    nag_in = ([nag[0].to(device=device, dtype=dtype)], nag[1], nag[2], nag[3]) if nag is not None else None
     active: object = object()
     steps = range(start, num_steps)
     for n, i in enumerate(tqdm(steps, desc="sampling", leave=False, disable=not progress)):
@@ -114,7 +117,7 @@ def sample_latents(
             t = ti2v_token_timesteps(t, grid, first_frame_clean=ti2v_image_latent is not None)
         xin = x[None].to(dtype)
         skip_c = skip_blocks_fn(n, "cond") if skip_blocks_fn else None
-        v_c = dit(xin, t, ctx_c, clip_in, y_in, skip_block_indices=skip_c, riflex_index=riflex_index).float()
+        v_c = dit(xin, t, ctx_c, clip_in, y_in, skip_block_indices=skip_c, riflex_index=riflex_index, nag=nag_in).float()
         run_u = ctx_u is not None and (uncond_needed_fn(n) if uncond_needed_fn else needs_uncond(scale))
         v_u = None
         if run_u:

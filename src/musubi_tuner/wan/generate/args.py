@@ -127,6 +127,12 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--rope_func", type=str, default="default", choices=("default", "comfy"), help="RoPE implementation (both real-valued here)"
     )
+    g.add_argument(
+        "--nag_scale", type=float, default=None, help="NAG (Normalized Attention Guidance) scale, e.g. 5-11 (off by default)"
+    )
+    g.add_argument("--nag_tau", type=float, default=3.5, help="NAG normalisation threshold τ (3.5)")
+    g.add_argument("--nag_alpha", type=float, default=0.5, help="NAG blend α between the guided and the plain attention (0.5)")
+    g.add_argument("--nag_prompt", type=str, default=None, help="NAG negative prompt (default: the negative prompt)")
     g.add_argument("--save_path", type=str, default=None, help="output directory")
     add_blissful_generation_args(p)
     return p
@@ -166,6 +172,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--perp_neg is not available for Wan in this release (use --cfg_schedule / --cfgzerostar_scaling)")
     if args.riflex_index and args.rope_func != "comfy":
         raise UserError("--riflex_index needs --rope_func comfy (as in blissful-tuner)")
+    if args.nag_scale is not None and (args.nag_scale < 1.0 or args.nag_tau <= 0 or not 0.0 <= args.nag_alpha <= 1.0):
+        raise UserError(
+            f"NAG: need --nag_scale >= 1, --nag_tau > 0, 0 <= --nag_alpha <= 1 (got {args.nag_scale}, {args.nag_tau}, {args.nag_alpha})"
+        )
     if args.riflex_index < 0:
         raise UserError(f"--riflex_index must be >= 0 (got {args.riflex_index})")
     task = get_task_config(args.task)

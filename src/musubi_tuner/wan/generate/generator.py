@@ -81,11 +81,14 @@ class WanGenerator:
                 self.args.t5, tokenizer=self.args.t5_tokenizer, dtype=dtype, device=self.device, fp8=self.args.fp8_t5
             )
         negative = job.negative_prompt if job.negative_prompt is not None else self.task.negative_prompt
-        cond, uncond = self.t5.encode([job.prompt, negative])
-        return {"cond": cond, "uncond": uncond, "negative": negative}
+        texts = [job.prompt, negative]
+        if job.args.nag_scale is not None:
+            texts.append(job.args.nag_prompt if job.args.nag_prompt is not None else negative)
+        states = self.t5.encode(texts)
+        return {"cond": states[0], "uncond": states[1], "nag": states[2] if len(states) > 2 else None, "negative": negative}
 
     def cache_key(self, job: Job) -> Any:
-        return (job.prompt, job.negative_prompt)
+        return (job.prompt, job.negative_prompt, job.args.nag_prompt, job.args.nag_scale is not None)
 
     def free_text_encoder(self) -> None:
         self.t5 = None
@@ -294,6 +297,7 @@ class WanGenerator:
             on_expert=self._on_expert,
             step_callback=previewer,
             riflex_index=a.riflex_index,
+            nag=(encoded["nag"], a.nag_scale, a.nag_tau, a.nag_alpha) if encoded.get("nag") is not None else None,
         )
         return latent
 
@@ -317,6 +321,9 @@ class WanGenerator:
             "bt_fps": a.fps,
             "bt_image_path": Path(a.image_path).name if a.image_path else None,
             "bt_end_image_path": Path(a.end_image_path).name if a.end_image_path else None,
+            "bt_nag_scale": a.nag_scale,
+            "bt_nag_tau": a.nag_tau if a.nag_scale is not None else None,
+            "bt_nag_alpha": a.nag_alpha if a.nag_scale is not None else None,
             "bt_lora_weight_high_noise": ",".join(Path(p).name for p in a.lora_weight_high_noise)
             if a.lora_weight_high_noise
             else None,

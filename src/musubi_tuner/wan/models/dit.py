@@ -135,6 +135,18 @@ class WanSelfAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
+def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: float, alpha: float) -> torch.Tensor:
+    """Normalized Attention Guidance on attention outputs ``(B, L, D)`` (spec §10).
+
+    ``z̃ = s·z₊ − (s − 1)·z₋``; ``r = ‖z̃‖₁ / ‖z₊‖₁`` per token; ``ẑ = z̃·min(r, τ)/r``; ``α·ẑ + (1 − α)·z₊``.
+    """
+    zp, zn = z_pos.float(), z_neg.float()
+    zt = scale * zp - (scale - 1.0) * zn
+    r = zt.abs().sum(-1, keepdim=True) / zp.abs().sum(-1, keepdim=True).clamp_min(1e-12)
+    zh = zt * (r.clamp(max=tau) / r.clamp_min(1e-12))
+    return (alpha * zh + (1.0 - alpha) * zp).type_as(z_pos)
+
+
 class WanCrossAttention(WanSelfAttention):
     """Cross-attention to the text tokens, plus (2.1 I2V / FLF2V) a second attention over the image tokens."""
 
@@ -150,12 +162,24 @@ class WanCrossAttention(WanSelfAttention):
         return hasattr(self, "k_img")
 
     def forward(  # type: ignore[override]
-        self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None, attn_mode: str, split_attn: bool
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_img: torch.Tensor | None,
+        attn_mode: str,
+        split_attn: bool,
+        nag: tuple[torch.Tensor, float, float, float] | None = None,
     ) -> torch.Tensor:
         q = self._heads(self.norm_q(self.q(x)))
         k = self._heads(self.norm_k(self.k(context)))
         v = self._heads(self.v(context))
         out = attention(q, k, v, mode=attn_mode, split_attn=split_attn)
+        if nag is not None:  # (negative context, scale, tau, alpha)
+            ctx_neg, scale, tau, alpha = nag
+            k_n = self._heads(self.norm_k(self.k(ctx_neg)))
+            v_n = self._heads(self.v(ctx_neg))
+            out_n = attention(q, k_n, v_n, mode=attn_mode, split_attn=split_attn)
+            out = nag_combine(out.flatten(2), out_n.flatten(2), scale, tau, alpha).unflatten(-1, (self.num_heads, -1))
         if context_img is not None and self.has_image:
             k_img = self._heads(self.norm_k_img(self.k_img(context_img)))
             v_img = self._heads(self.v_img(context_img))
@@ -185,6 +209,7 @@ class WanAttentionBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         attn_mode: str = "sdpa",
         split_attn: bool = False,
+        nag: tuple[torch.Tensor, float, float, float] | None = None,
     ) -> torch.Tensor:
         if e.dim() == 3:  # (B, 6, dim): one timestep per sample
             mod = (self.modulation.float() + e.float()).chunk(6, dim=1)
@@ -192,7 +217,7 @@ class WanAttentionBlock(nn.Module):
             mod = [m.squeeze(2) for m in (self.modulation.float()[None] + e.float()).chunk(6, dim=2)]
         shift, scale, gate, c_shift, c_scale, c_gate = mod
         x = _gated_add(x, self.self_attn(_modulate(self.norm1, x, shift, scale), rope, attn_mode, split_attn), gate)
-        x = x + self.cross_attn(self.norm3(x), context, context_img, attn_mode, split_attn)
+        x = x + self.cross_attn(self.norm3(x), context, context_img, attn_mode, split_attn, nag)
         return _gated_add(x, self.ffn(_modulate(self.norm2, x, c_shift, c_scale)), c_gate)
 
 
@@ -343,6 +368,7 @@ class WanModel(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
         *,
         skip_block_indices: Sequence[int] | None = None,
         riflex_index: int = 0,
+        nag: tuple[torch.Tensor | Sequence[torch.Tensor], float, float, float] | None = None,
     ) -> torch.Tensor:
         """Predict the flow.
 
@@ -354,6 +380,7 @@ class WanModel(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
             y: condition channels (mask + image latent, control latent ...), concatenated after ``x``.
             skip_block_indices: blocks to skip (skip-layer guidance).
             riflex_index: RIFLEx temporal frequency index (0 = off).
+            nag: ``(negative text states, scale, tau, alpha)``: Normalized Attention Guidance in cross-attention.
 
         Returns:
             ``(B, out_dim, F, H, W)`` in the compute dtype.
@@ -395,6 +422,9 @@ class WanModel(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
                 raise UserError("this Wan model takes CLIP image features (2.1 I2V / FLF2V): clip_fea is missing")
             ctx_img = self.img_emb(clip_fea.to(device=device, dtype=torch.float32)).to(dtype)
 
+        nag_in = None
+        if nag is not None:
+            nag_in = (self.embed_text(nag[0], b, device), float(nag[1]), float(nag[2]), float(nag[3]))
         rope = rope_cos_sin(grid, self.dim // self.num_heads, device, riflex_index)
         skip = set(skip_block_indices or ())
         for i, block in enumerate(self.blocks):
@@ -409,6 +439,7 @@ class WanModel(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
                     rope=rope,
                     attn_mode=self.attn_mode,
                     split_attn=self.split_attn,
+                    nag=nag_in,
                 )
             self._after_block(0, i)
 
