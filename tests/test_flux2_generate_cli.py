@@ -183,3 +183,20 @@ def test_wrong_checkpoint_encoder_or_lora_exit_2(flux2_bundle, ref_image, tmp_pa
 def test_root_wrapper_runs(flux2_bundle, tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "flux_2_generate_image.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--control_image_path" in r.stdout and "--embedded_cfg_scale" in r.stdout
+
+
+def test_interactive_session_keeps_models_and_writes_each_job(flux2_bundle, tmp_path):
+    from musubi_tuner.flux_2_generate_image import parse_args, run
+
+    lines = iter(["a red cube --d 1", "a blue cube --d 2 --w 32"])
+
+    def read_line(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    args = parse_args(base_argv(flux2_bundle, tmp_path, "klein-4b", "--interactive", "--infer_steps", "2"))
+    files = run(args, read_line=read_line)
+    assert len(files) == 2 and sorted(Image.open(f).size for f in files) == [(32, 32), (48, 32)]
+    assert {read_metadata(f)["bt_seeds"] for f in files} == {"1", "2"}
