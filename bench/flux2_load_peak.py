@@ -80,6 +80,10 @@ def child(case: str, paths: dict[str, str]) -> dict:
     from musubi_tuner.flux_2.configs import get_model_version
 
     kind, prec = case.split("_")
+    if kind != "dit":  # import the model classes and read the tokenizer first: only the weights are measured
+        from transformers import AutoTokenizer, MistralModel, Qwen3Model  # noqa: F401
+
+        AutoTokenizer.from_pretrained(paths[kind])
     before = _vm("VmRSS")
     if kind == "dit":
         from musubi_tuner.flux_2.models.loading import load_dit
