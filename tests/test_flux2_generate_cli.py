@@ -93,9 +93,11 @@ def _as_version(path: Path, version: str, out: Path) -> Path:
 def test_klein_base_true_cfg_and_schedule(flux2_bundle, tmp_path):
     base_dit = _as_version(flux2_bundle.dit_klein, "klein-base-4b", tmp_path / "base.safetensors")
     argv = base_argv(flux2_bundle, tmp_path, "klein-base-4b", "--dit", str(base_dit), "--prompt", "a cat", "--negative_prompt", "blurry",
-                     "--infer_steps", "3", "--cfg_schedule", "1-2", "--cfgzerostar_scaling", "--output_type", "latent_images")  # fmt: skip
+                     "--infer_steps", "3", "--cfg_schedule", "1-2", "--cfgzerostar_scaling", "--output_type", "latent_images",
+                     "--preview_latent_every", "2")  # fmt: skip
     main(argv)
-    (png,) = _png(tmp_path)
+    assert (tmp_path / "latent_preview.png").is_file()  # written at step 2, decoded with the FLUX.2 VAE
+    (png,) = [p for p in _png(tmp_path) if p.name != "latent_preview.png"]
     md = read_metadata(png)
     assert md["bt_guidance_scale"] == "4.0" and md["bt_negative_prompt"] == "blurry" and md["bt_cfg_schedule"] == "1-2"
     (lat,) = tmp_path.glob("*_latent.safetensors")
