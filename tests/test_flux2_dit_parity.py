@@ -183,3 +183,31 @@ def test_variant_mismatch_is_one_clear_error(tmp_path):
     save_file({"encoder.conv_in.weight": torch.zeros(1)}, str(tmp_path / "vae.safetensors"))
     with pytest.raises(UserError, match="not a FLUX.2 transformer"):
         load_dit(get_model_version("klein-4b"), tmp_path / "vae.safetensors")
+
+
+def test_block_swap_and_checkpointing_keep_outputs_and_grads():
+    """Swapping double and single blocks and checkpointing (with CPU offload) change neither output nor gradients."""
+    from musubi_tuner.modules.offloading import BlockSwapConfig
+
+    cfg = {**TINY_OFFICIAL, "depth": 4, "depth_single_blocks": 6}
+    ref = Flux2(**cfg, guidance_embed=True)
+    ref.load_state_dict(random_official(ref, 3))
+    other = Flux2(**cfg, guidance_embed=True)
+    other.load_state_dict(ref.state_dict())
+    assert other._split_blocks_to_swap(5, training=True) == [2, 4]
+    other.enable_block_swap(5, BlockSwapConfig(torch.device("cpu"), supports_backward=True))
+    other.enable_gradient_checkpointing(activation_cpu_offloading=True)
+    x = inputs(b=2, refs=((2, 2),))
+    g = torch.tensor([3.0, 1.0])
+    outs, grads = [], []
+    for model in (ref, other):
+        model.requires_grad_(False)
+        w = model.single_blocks[5].linear2.weight
+        w.requires_grad_(True)
+        model.train()
+        out = model(*x, g)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append(w.grad.clone())
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

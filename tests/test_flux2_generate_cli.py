@@ -93,9 +93,11 @@ def _as_version(path: Path, version: str, out: Path) -> Path:
 def test_klein_base_true_cfg_and_schedule(flux2_bundle, tmp_path):
     base_dit = _as_version(flux2_bundle.dit_klein, "klein-base-4b", tmp_path / "base.safetensors")
     argv = base_argv(flux2_bundle, tmp_path, "klein-base-4b", "--dit", str(base_dit), "--prompt", "a cat", "--negative_prompt", "blurry",
-                     "--infer_steps", "3", "--cfg_schedule", "1-2", "--cfgzerostar_scaling", "--output_type", "latent_images")  # fmt: skip
+                     "--infer_steps", "3", "--cfg_schedule", "1-2", "--cfgzerostar_scaling", "--output_type", "latent_images",
+                     "--preview_latent_every", "2")  # fmt: skip
     main(argv)
-    (png,) = _png(tmp_path)
+    assert (tmp_path / "latent_preview.png").is_file()  # written at step 2, decoded with the FLUX.2 VAE
+    (png,) = [p for p in _png(tmp_path) if p.name != "latent_preview.png"]
     md = read_metadata(png)
     assert md["bt_guidance_scale"] == "4.0" and md["bt_negative_prompt"] == "blurry" and md["bt_cfg_schedule"] == "1-2"
     (lat,) = tmp_path.glob("*_latent.safetensors")
@@ -183,3 +185,20 @@ def test_wrong_checkpoint_encoder_or_lora_exit_2(flux2_bundle, ref_image, tmp_pa
 def test_root_wrapper_runs(flux2_bundle, tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "flux_2_generate_image.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--control_image_path" in r.stdout and "--embedded_cfg_scale" in r.stdout
+
+
+def test_interactive_session_keeps_models_and_writes_each_job(flux2_bundle, tmp_path):
+    from musubi_tuner.flux_2_generate_image import parse_args, run
+
+    lines = iter(["a red cube --d 1", "a blue cube --d 2 --w 32"])
+
+    def read_line(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    args = parse_args(base_argv(flux2_bundle, tmp_path, "klein-4b", "--interactive", "--infer_steps", "2"))
+    files = run(args, read_line=read_line)
+    assert len(files) == 2 and sorted(Image.open(f).size for f in files) == [(32, 32), (48, 32)]
+    assert {read_metadata(f)["bt_seeds"] for f in files} == {"1", "2"}

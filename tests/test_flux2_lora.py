@@ -110,3 +110,15 @@ def test_loha_in_diffusers_layout_is_refused(lora_files):
     net = loha.create_arch_network(1.0, 4, 4, None, None, dit)
     with pytest.raises(UserError, match="are LoHa/LoKr, which diffusers/PEFT cannot load"):
         check_network_lora_format(net, "diffusers", "flux_2")
+
+
+def test_convert_lora_cli_writes_the_same_diffusers_file(lora_files, tmp_path):
+    from musubi_tuner.convert_lora import main as convert_main
+
+    _, _, paths = lora_files
+    out = tmp_path / "converted.safetensors"
+    convert_main(
+        ["--input", str(paths["kohya"]), "--output", str(out), "--target", "diffusers", "--diffusers_prefix", "transformer"]
+    )
+    a, b = load_file(str(out)), load_file(str(paths["diffusers"]))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)

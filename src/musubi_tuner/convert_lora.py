@@ -26,7 +26,12 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=str, required=True, help="input LoRA .safetensors")
     p.add_argument("--output", type=str, required=True, help="output .safetensors")
     p.add_argument(
-        "--target", type=str, required=True, choices=["default", "other"], help="default: kohya layout; other: lora_A/lora_B"
+        "--target",
+        type=str,
+        required=True,
+        choices=["default", "other", "diffusers"],
+        help="default: kohya layout; other: lora_A/lora_B with official names; diffusers: diffusers module names "
+        "(FLUX.2: fused qkv split into to_q/to_k/to_v; use --diffusers_prefix transformer)",
     )
     p.add_argument(
         "--diffusers_prefix", type=str, default="diffusion_model", help="key prefix for --target other (e.g. transformer)"

@@ -300,4 +300,8 @@ def convert_file_tensors(
         return out, add_hashes(out, md)
     if target == "other":
         return to_other(sd, arch, prefix, source), md
-    raise UserError(f"--target {target!r}: expected 'default' or 'other'")
+    if target == "diffusers":  # diffusers module names (split fused layers where the architecture has them)
+        if arch in DIFFUSERS_RENAMES:
+            return to_diffusers(sd, arch, prefix, source), md
+        return to_other(sd, arch, prefix, source), md
+    raise UserError(f"--target {target!r}: expected 'default', 'other' or 'diffusers'")

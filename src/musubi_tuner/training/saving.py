@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.networks.convert import DIFFUSERS_RENAMES, NAME_TABLES, convert_file_tensors, name_table, to_diffusers
+from musubi_tuner.networks.convert import DIFFUSERS_RENAMES, NAME_TABLES, convert_file_tensors, name_table
 from musubi_tuner.utils.atomic import atomic_path, make_temp_dir, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
@@ -118,11 +118,8 @@ def _save_converted(
         sd = network.state_dict_for_save(dtype)
     else:
         sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in network.state_dict().items()}
-    if lora_format == "diffusers" and arch in DIFFUSERS_RENAMES:  # fused official layers split into diffusers ones
-        out, md = to_diffusers(sd, arch, LORA_FORMAT_PREFIXES[lora_format], str(path)), dict(metadata or {})
-        md = {k: v for k, v in md.items() if not k.startswith("sshs_")}
-    else:
-        out, md = convert_file_tensors(sd, metadata or {}, "other", arch, LORA_FORMAT_PREFIXES[lora_format], str(path))
+    target = "diffusers" if lora_format == "diffusers" else "other"
+    out, md = convert_file_tensors(sd, metadata or {}, target, arch, LORA_FORMAT_PREFIXES[lora_format], str(path))
     save_safetensors_atomic(out, path, md if metadata is not None else None)
 
 

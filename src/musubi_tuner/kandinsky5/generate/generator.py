@@ -9,12 +9,12 @@ swap or move it to the device; sample every job; free the DiT; decode and save. 
 from __future__ import annotations
 
 import argparse
-import gc
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from blissful_tuner.dit_residency import DitResidency, free_memory
 from blissful_tuner.flow_dpmpp import dpmpp_sample
 from blissful_tuner.generation_loop import Job
 from blissful_tuner.guidance import GuidancePlan
@@ -22,7 +22,6 @@ from blissful_tuner.latent_preview import FLUX1_RGB, HUNYUAN_VIDEO_RGB, LatentPr
 from blissful_tuner.media_output import output_stem
 from blissful_tuner.metadata import prepare_metadata
 from blissful_tuner.seeds import make_generator, seed_everything
-from blissful_tuner.utils import compile_kwargs
 from musubi_tuner.kandinsky5.configs import TaskConfig
 from musubi_tuner.kandinsky5.generate.outputs import write_outputs
 from musubi_tuner.kandinsky5.generate.plan import JobPlan
@@ -43,11 +42,7 @@ def _to_uint8_image(t: torch.Tensor) -> torch.Tensor:
     return ((t[0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def _free() -> None:
-    """Return freed memory to the allocator (after a model is dropped or parked)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+_free = free_memory  # (kept name)
 
 
 def _file_dtype(path: str) -> torch.dtype | None:
@@ -75,9 +70,8 @@ class K5Generator:
         self.device = torch.device(args.device)
         self.interactive = interactive
         self.te: Any = None
-        self.dit: Any = None
+        self.dit = DitResidency(args, self.device, self._load_dit)
         self.vae: K5Vae | None = None
-        self.dit_on_device = False
         self.images: dict[int, dict[str, torch.Tensor]] = {}
         self.te_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.vae_dtype = parse_dtype(args.vae_dtype, torch.bfloat16, flag="--vae_dtype")
@@ -168,15 +162,8 @@ class K5Generator:
 
     # -- DiT -------------------------------------------------------------------------------------------------------
 
-    def _enable_block_swap(self, dit: Any) -> None:
-        from musubi_tuner.modules.offloading import BlockSwapConfig
-
-        a = self.args
-        config = BlockSwapConfig(self.device, supports_backward=False, use_pinned_memory=a.use_pinned_memory_for_block_swap)
-        dit.enable_block_swap(a.blocks_to_swap, config)
-
-    def _load_dit(self) -> Any:
-        """Load the DiT once (LoRAs merged while loading, fp8, block swap, compile); it stays off the device."""
+    def _load_dit(self, load_device: torch.device | str) -> Any:
+        """Load the DiT (LoRAs merged while loading, then fp8) for ``DitResidency`` (block swap, compile, parking)."""
         from musubi_tuner.networks.merge import build_lora_delta_hook
 
         a = self.args
@@ -186,9 +173,7 @@ class K5Generator:
         hook = None
         if a.lora_weight:
             hook = build_lora_delta_hook(a.lora_weight, a.lora_multiplier, _checkpoint_keys(a.dit), target_name=str(a.dit))
-        swap = a.blocks_to_swap > 0
-        load_device = "cpu" if (swap or a.offload_dit_during_sampling) else self.device
-        dit = load_dit(
+        return load_dit(
             self.task,
             a.dit,
             device=load_device,
@@ -198,46 +183,16 @@ class K5Generator:
             attn_mode=a.attn,
             lora_deltas=hook,
         )
-        if swap:
-            self._enable_block_swap(dit)
-        kw = compile_kwargs(a)
-        if kw is not None:
-            for blocks in dit._block_lists():
-                for block in blocks:
-                    block.compile(**kw)
-        self.dit = dit
-        self.dit_on_device = False
-        return dit
 
     def _dit_to_device(self) -> Any:
-        dit = self.dit if self.dit is not None else self._load_dit()
-        if not self.dit_on_device:
-            if self.args.blocks_to_swap > 0:
-                if dit.offloaders is None:  # swap was disabled when the DiT was parked on the CPU
-                    self._enable_block_swap(dit)
-                dit.move_to_device_except_swap_blocks(self.device)
-                dit.switch_block_swap_for_inference()
-            else:
-                dit.to(self.device)
-            self.dit_on_device = True
-        return dit
+        return self.dit.get()
 
     def _dit_to_cpu(self) -> None:
-        if self.dit is None or not self.dit_on_device or not self.args.offload_dit_during_sampling or self.device.type == "cpu":
-            return
-        if self.args.blocks_to_swap > 0:
-            self.dit.disable_block_swap()
-        self.dit.to("cpu")
-        self.dit_on_device = False
-        _free()
+        self.dit.park()
 
     def free_dit(self) -> None:
         """Drop the DiT after the last job is sampled (decoding needs the memory)."""
-        if self.dit is not None and getattr(self.dit, "offloaders", None):
-            self.dit.disable_block_swap()
-        self.dit = None
-        self.dit_on_device = False
-        _free()
+        self.dit.free()
 
     # -- generation ------------------------------------------------------------------------------------------------
 
