@@ -91,6 +91,12 @@ def test_training_run_writes_a_lora(name, cached, qwen_bundle, tmp_path):
     version, _, dit_attr, _ = VARIANTS[name]
     extra = ["--remove_first_image_from_target"] if name == "layered" else []
     extra += ["--timestep_sampling", "qinglong_qwen" if name == "edit" else "qwen_shift"]
+    if name == "edit":  # sampling during training: prompt encoded with its control images, controls VAE-encoded
+        control = next(cached[name].control_dir.glob("*.png"))
+        prompts = tmp_path / "samples.txt"
+        prompts.write_text(f"recolor it --ci {control} --w 32 --h 32 --s 2 --d 1\n", encoding="utf-8")
+        extra += ["--sample_prompts", str(prompts), "--sample_at_first", "--text_encoder", str(qwen_bundle.text_encoder),
+                  "--vae", str(qwen_bundle.vae_file)]  # fmt: skip
     train_main([
         "--dit", str(getattr(qwen_bundle, dit_attr)), "--dataset_config", str(cached[name].toml), "--model_version", version,
         "--network_module", "networks.lora_qwen_image", "--network_dim", "4", "--output_dir", str(tmp_path),
@@ -103,6 +109,11 @@ def test_training_run_writes_a_lora(name, cached, qwen_bundle, tmp_path):
     assert not any("_mod_" in m for m in modules)
     with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_qwen_image_model_version"] == version
+    if name == "edit":
+        from PIL import Image
+
+        (sample,) = sorted((tmp_path / "sample").glob("*.png"))
+        assert Image.open(sample).size == (32, 32)
 
 
 def test_lora_targets_with_exclude_mod_false(qwen_bundle):

@@ -149,7 +149,7 @@ def test_runtime_failure_is_summarised_and_exit_is_non_zero(qi, tmp_path, capsys
     batch = tmp_path / "p.txt"
     batch.write_text(f"recolor it --ci {controls[0]} --w 32 --h 32\nrecolor it --ci {broken} --w 32 --h 32\n", encoding="utf-8")
     out = tmp_path / "o"
-    assert run_cli(base(bundle, out, "--model_version", "edit", "--from_file", str(batch))) == 2
+    assert run_cli(base(bundle, out, "--model_version", "edit", "--from_file", str(batch), "--resize_control_to_image_size")) == 2
     err = capsys.readouterr().err
     assert "1 of 2 job(s) failed" in err and ":2" in err and "broken.png" in err
     assert len(pngs(out)) == 1
@@ -164,7 +164,7 @@ def test_vl_processor_needed_for_edit_and_found_offline(qi, tmp_path, capsys):
     (te / "preprocessor_config.json").unlink()
     batch = tmp_path / "p.txt"
     batch.write_text(f"recolor it --ci {controls[0]} --ci {controls[1]} --w 32 --h 32\n", encoding="utf-8")
-    argv = base(bundle, tmp_path / "o", "--model_version", "edit-2511", "--from_file", str(batch))
+    argv = base(bundle, tmp_path / "o", "--model_version", "edit-2511", "--from_file", str(batch), "--resize_control_to_image_size")
     argv[argv.index("--text_encoder") + 1] = str(te)
     assert run_cli(argv) == 2
     assert "--vl_processor" in capsys.readouterr().err
@@ -186,7 +186,7 @@ def test_interactive_edit_and_layered_auto_caption(qi, tmp_path):
             raise EOFError from None
 
     args = parse_args(base(bundle, tmp_path / "i", "--model_version", "edit", "--interactive", "--prompt", "x",
-                           "--control_image_path", str(controls[1])))  # fmt: skip
+                           "--control_image_path", str(controls[1]), "--resize_control_to_image_size"))  # fmt: skip
     files = run(args, read_line=read_line)
     assert len(files) == 2
     mds = sorted((read_metadata(p) for p in files), key=lambda m: m["bt_seeds"])
@@ -251,6 +251,17 @@ def test_black_mask_keeps_the_control_image(qi, tmp_path):
     ref = vae.decode(vae.encode(to_pixels(Image.open(controls[0]).convert("RGB"), (32, 32))))
     want = ((ref[0] + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), want)
+
+
+def test_control_sizes():
+    """Default: about 1 MP keeping the aspect (multiples of 16); official: ~1024² in multiples of 32; or the output."""
+    from musubi_tuner.qwen_image.generate.images import control_size
+
+    w, h = control_size((800, 600), (64, 48), to_image_size=False, to_official=False)
+    assert w % 16 == 0 and h % 16 == 0 and abs(w * h - 1024 * 1024) < 0.03 * 1024 * 1024 and abs(w / h - 4 / 3) < 0.02
+    w, h = control_size((600, 800), (64, 48), to_image_size=False, to_official=True)
+    assert w % 32 == 0 and h % 32 == 0 and abs(w * h - 1024 * 1024) < 0.05 * 1024 * 1024 and w < h
+    assert control_size((600, 800), (64, 48), to_image_size=True, to_official=False) == (64, 48)
 
 
 def test_true_cfg_norm_rescale():

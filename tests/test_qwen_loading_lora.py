@@ -95,6 +95,10 @@ def test_vae_files_and_rgba_errors(qwen_bundle):
         QwenImageVae.load(qwen_bundle.vae_layered, layered=False)
     with pytest.raises(UserError, match="RGB VAE"):
         QwenImageVae.load(qwen_bundle.vae_file, layered=True)
+    from safetensors import safe_open
+
+    with safe_open(str(qwen_bundle.vae_file), "pt") as f:  # the ComfyUI file: original Wan key layout
+        assert "encoder.conv1.weight" in f.keys() and "encoder.conv_in.weight" not in f.keys()
     x = torch.rand(1, 3, 32, 48) * 2 - 1
     d = QwenImageVae.load(qwen_bundle.vae, dtype=torch.float32).encode(x)
     f = QwenImageVae.load(qwen_bundle.vae_file, dtype=torch.float32).encode(x)

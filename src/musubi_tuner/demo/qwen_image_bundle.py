@@ -6,8 +6,9 @@
   its constructor arguments as JSON in the metadata key ``qwen_image_dit_config`` (T2I / Edit / 2509 / 2511 share
   this layout); ``dit/qwen_image_layered_tiny.safetensors``: the Layered DiT (``addition_t_embedding``);
   ``dit/diffusers/``: the T2I weights as a diffusers transformer directory.
-- ``vae/``: a diffusers ``AutoencoderKLQwenImage`` directory; ``qwen_image_vae.safetensors`` its single-file form;
-  ``qwen_image_layered_vae.safetensors``: the RGBA Layered VAE (``input_channels=4``).
+- ``vae/``: a diffusers ``AutoencoderKLQwenImage`` directory; ``qwen_image_vae.safetensors`` the same weights as the
+  ComfyUI single file (original Wan key layout); ``qwen_image_layered_vae.safetensors``: the RGBA Layered VAE
+  (``input_channels=4``), same layout.
 - ``text_encoder/``: the tiny Qwen2.5-VL HF snapshot of the K5 bundle (tokenizer + ``preprocessor_config.json``).
 """
 
@@ -48,7 +49,9 @@ TINY_DIT_CONFIG: dict[str, Any] = {
     "use_additional_t_cond": False,
     "use_layer3d_rope": False,
 }
-TINY_VAE_CONFIG: dict[str, Any] = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_scales": []}
+# The released VAE's block structure (dim_mult, two resnets per level) at base width 8, so that the ComfyUI / Wan
+# original key layout (``wan_layout_state_dict``) exists for it.
+TINY_VAE_CONFIG: dict[str, Any] = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": []}
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,38 @@ def write_tiny_dit(out_dir: Path, seed: int) -> dict[str, Path]:
     return paths
 
 
+def _wan_key_candidates() -> list[str]:
+    """Key names of the original (Wan 2.1 / ComfyUI) VAE layout, a superset for the released block structure."""
+    res = ("residual.0.gamma", "residual.2.weight", "residual.2.bias", "residual.3.gamma", "residual.6.weight", "residual.6.bias")
+    extra = ("shortcut.weight", "shortcut.bias", "resample.1.weight", "resample.1.bias", "time_conv.weight", "time_conv.bias")
+    attn = ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")
+    out = [f"{p}.{s}" for p in ("encoder.conv1", "decoder.conv1", "conv1", "conv2") for s in ("weight", "bias")]
+    for side, blocks in (("encoder", "downsamples"), ("decoder", "upsamples")):
+        out += [f"{side}.{blocks}.{i}.{r}" for i in range(16) for r in res + extra]
+        out += [f"{side}.middle.{i}.{r}" for i in range(3) for r in res + attn]
+        out += [f"{side}.head.{r}" for r in ("0.gamma", "2.weight", "2.bias")]
+    return out
+
+
+def wan_layout_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers ``AutoencoderKLQwenImage`` state dict in the original Wan layout of the ComfyUI files, built as the
+    exact inverse of diffusers' own single-file conversion (``convert_wan_vae_to_diffusers``)."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    inverse = {}
+    for cand in _wan_key_candidates():
+        for key in convert_wan_vae_to_diffusers({cand: torch.zeros(1)}):
+            if key in sd:
+                inverse[key] = cand
+    missing = sorted(set(sd) - set(inverse))
+    if missing:
+        raise ValueError(f"no Wan-layout name for {missing[:3]} (VAE block structure differs from the release)")
+    return {inverse[k]: v.contiguous() for k, v in sd.items()}
+
+
 def write_tiny_vae(root: Path, seed: int) -> None:
-    """The RGB VAE as a diffusers directory + single file, and the RGBA Layered VAE single file."""
+    """The RGB VAE as a diffusers directory and as the ComfyUI single file (original Wan key layout), and the RGBA
+    Layered VAE single file (Wan layout too); the single files carry their config in the ``vae_config`` metadata."""
     from diffusers import AutoencoderKLQwenImage
 
     for channels, file_name in ((3, "qwen_image_vae.safetensors"), (4, "qwen_image_layered_vae.safetensors")):
@@ -125,7 +158,7 @@ def write_tiny_vae(root: Path, seed: int) -> None:
         if channels == 3:
             vae.save_pretrained(root / "vae", safe_serialization=True)
         save_safetensors_atomic(
-            {k: v.contiguous() for k, v in vae.state_dict().items()},
+            wan_layout_state_dict(dict(vae.state_dict())),
             root / file_name,
             metadata={VAE_CONFIG_METADATA_KEY: json.dumps(cfg, sort_keys=True)},
         )

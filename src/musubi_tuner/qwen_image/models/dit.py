@@ -234,11 +234,13 @@ class AdaNormOut(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs ``(2j, 2j+1)`` of ``x (B, L, H, d)`` by angles with cos/sin ``(L, d/2)`` (float32)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None], sin[None, :, None]
-    return torch.stack([c * x0 - s * x1, s * x0 + c * x1], dim=-1).flatten(-2).to(x.dtype)
+    """Rotate adjacent pairs ``(2j, 2j+1)`` of ``x (B, L, H, d)`` by angles with cos/sin ``(L, d/2)`` (float32).
+
+    One complex multiply (fewer autograd nodes than the real-arithmetic form; the same values).
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    rot = torch.complex(cos, sin)[None, :, None]
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 def _axis_freqs(dim: int) -> torch.Tensor:
