@@ -759,3 +759,52 @@ def create_arch_network_from_weights(
             "the adapter uses the diffusers lora_A/lora_B layout; convert it first with convert_lora.py --target default"
         )
     return create_network_from_weights(multiplier, weights_sd, unet, for_inference=for_inference, **kwargs)
+
+
+def arch_network_functions(targets: ArchTargets, module_name: str) -> tuple[Any, Any]:
+    """``create_arch_network`` and ``create_arch_network_from_weights`` of one ``networks.lora_<arch>`` module.
+
+    The network adapts ``targets``'s blocks (whatever the model class) and records ``module_name`` as its
+    ``ss_network_module``; state dicts may hold LoRA and LoHa modules alike.
+    """
+
+    def create(
+        multiplier: float,
+        network_dim: int | None,
+        network_alpha: float | None,
+        vae: Any,
+        text_encoders: Any,
+        unet: nn.Module,
+        neuron_dropout: float | None = None,
+        **kwargs: Any,
+    ) -> LoRANetwork:
+        return create_network(
+            multiplier,
+            network_dim,
+            network_alpha,
+            vae,
+            text_encoders,
+            unet,
+            target_replace_modules=targets.target_modules,
+            targets=targets,
+            neuron_dropout=neuron_dropout,
+            module_name=module_name,
+            **kwargs,
+        )
+
+    def from_weights(
+        multiplier: float,
+        weights_sd: Mapping[str, torch.Tensor],
+        text_encoders: Any = None,
+        unet: nn.Module | None = None,
+        for_inference: bool = False,
+        **kwargs: Any,
+    ) -> LoRANetwork:
+        return create_arch_network_from_weights(
+            multiplier, weights_sd, text_encoders, unet, for_inference, module_name=module_name, **kwargs
+        )
+
+    create.__name__, from_weights.__name__ = "create_arch_network", "create_arch_network_from_weights"
+    create.__doc__ = f"LoRA over the {targets.name} transformer blocks ({module_name})."
+    from_weights.__doc__ = f"Network from a kohya-format {targets.name} state dict (LoRA and/or LoHa modules)."
+    return create, from_weights
