@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SPECS = Path("/work/shared/specs/upstream_flags")
+SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs" / "upstream_flags"  # ../shared from the repository root
 SCRIPTS = {
     "flux_2_cache_latents.py": "musubi_tuner.flux_2_cache_latents",
     "flux_2_cache_text_encoder_outputs.py": "musubi_tuner.flux_2_cache_text_encoder_outputs",
