@@ -6,6 +6,9 @@ noise and ``t`` come from a hash of its cache file name, so a run with N process
 same global batch (gradient accumulation N) see identical inputs. Each process appends ``{"items", "loss"}`` per
 training forward to ``<output_dir>/losses_<process>.jsonl``. The script module must offer ``setup_parser()``.
 
+``python tests/dist_harness.py runs <plan.json>`` trains the runs of a JSON list of ``[spec, argv]`` one after the
+other in the same processes (one launch, one process group, for several architectures).
+
 ``python tests/dist_harness.py cache-toy <dataset_config> <record_dir>`` caches the toy architecture's dataset through
 the shared caching drivers and records which process encoded which item.
 """
@@ -79,6 +82,22 @@ def read_losses(output_dir: Path, accumulation: int = 1) -> dict[str, list[tuple
     return {k: sorted(v) for k, v in per_item.items()}
 
 
+def runs_in_one_group(plan: list[tuple[str, list[str]]]) -> None:
+    """Train the runs of ``plan`` one after the other in one process group. ``Accelerator.end_training`` destroys
+    the group, and a second rendezvous on the launcher's store hangs, so the group is kept until the last run ends."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+    dist.destroy_process_group = lambda group=None: None
+    try:
+        for spec, argv in plan:
+            run(spec, argv)
+    finally:
+        dist.destroy_process_group = destroy
+    if dist.is_initialized():
+        destroy()
+
+
 def cache_toy(dataset_config: str, record_dir: str) -> None:
     """Cache a toy dataset through the shared latent and text drivers; each process records the items it encoded
     in ``<record_dir>/encoded_<process>.txt`` (one ``latent:<name>`` / ``text:<name>`` per line)."""
@@ -113,6 +132,8 @@ def cache_toy(dataset_config: str, record_dir: str) -> None:
 def main() -> None:
     if sys.argv[1] == "cache-toy":
         cache_toy(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "runs":
+        runs_in_one_group(json.loads(Path(sys.argv[2]).read_text(encoding="utf-8")))
     else:
         run(sys.argv[1], sys.argv[2:])
 

@@ -1,7 +1,7 @@
 """FSDP2 sharded training on CPU (gloo): two processes against one, sharded resume, start-up errors, caching.
 
-Every architecture is one entry of ``ARCHS`` (its trainer class, a tiny bundle with caches, and its generator), so
-the two-process test runs for each implemented architecture. Noise and timesteps are fixed per item
+Kandinsky 5 is the full case (``ARCHS``: resume, sampling, validation, generator load); FLUX.2, Qwen-Image and Wan
+T2V are light cases (``LIGHT_ARCHS``: sharding, per-item losses and final LoRA), all trained in one torchrun launch. Noise and timesteps are fixed per item
 (``dist_harness.py``), which makes two processes with one batch each and one process accumulating both batches see
 the same global batch: with SGD the per-item losses must agree to 1e-5 (relative) and the LoRA weights to 1e-5
 (absolute; they are float32 sums in another order). The runs use scaled fp8 base weights (fp8 shards are gathered),
@@ -112,9 +112,14 @@ def _launch(cmd: list[str], env: dict[str, str]) -> str:
     return proc.stderr + proc.stdout
 
 
-def _shares(log: str) -> dict[int, float]:
+def _share_lines(log: str) -> list[tuple[int, float]]:
+    """(process, share of the DiT parameters it holds) of every sharding log line, in log order."""
     found = re.findall(r"FSDP2: process (\d) of 2 holds ([\d,]+) of ([\d,]+) DiT parameters", log)
-    return {int(p): int(a.replace(",", "")) / int(b.replace(",", "")) for p, a, b in found}
+    return [(int(p), int(a.replace(",", "")) / int(b.replace(",", ""))) for p, a, b in found]
+
+
+def _shares(log: str) -> dict[int, float]:
+    return dict(_share_lines(log))
 
 
 def _validation_losses(out: Path) -> dict[int, float]:
@@ -206,6 +211,109 @@ def test_fsdp2_two_processes_match_one_process_and_resume_exactly(arch_case, tmp
 
     # (4) the generator loads the sharded run's LoRA
     assert arch_case.generate_with(sharded / "lora.safetensors", tmp_path).is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the other architectures: one light run each (sharding, per-item losses, final LoRA), all in one torchrun launch. The
+# Kandinsky 5 case above covers what is shared by every architecture (resume, sampling, validation, generator load).
+
+
+def _light_argv(out: Path, *arch_args: str) -> list[str]:
+    return [*arch_args, "--network_dim", "4", "--network_alpha", "4", "--output_dir", str(out), "--output_name", "lora",
+            "--optimizer_type", "SGD", "--learning_rate", "0.5", "--max_data_loader_n_workers", "0", "--seed", "1",
+            "--dit_dtype", "float32", "--max_train_steps", "2", "--fp8_base", "--fp8_scaled",
+            "--gradient_checkpointing"]  # fmt: skip
+
+
+def _flux2_light(tmp: Path, bundle) -> tuple[str, Callable[[Path], list[str]]]:
+    from musubi_tuner.demo.flux2_data import write_flux2_dataset
+    from musubi_tuner.flux_2_cache_latents import main as cache_latents
+    from musubi_tuner.flux_2_cache_text_encoder_outputs import main as cache_text
+
+    ds = write_flux2_dataset(tmp / "data", n_images=4)  # batch size 2: one batch per process and step
+    cache_latents(["--dataset_config", str(ds.t2i_toml), "--vae", str(bundle.vae), "--device", "cpu", "--num_workers", "1"])
+    cache_text(["--dataset_config", str(ds.t2i_toml), "--text_encoder", str(bundle.text_encoder_qwen3),
+                "--model_version", "klein-4b", "--device", "cpu", "--num_workers", "1"])  # fmt: skip
+    return "musubi_tuner.flux_2_train_network:Flux2NetworkTrainer", lambda out: _light_argv(
+        out, "--model_version", "klein-4b", "--dit", str(bundle.dit_klein), "--dataset_config", str(ds.t2i_toml),
+        "--network_module", "networks.lora_flux_2", "--timestep_sampling", "flux2_shift")  # fmt: skip
+
+
+def _wan_light(tmp: Path, bundle) -> tuple[str, Callable[[Path], list[str]]]:
+    from musubi_tuner.demo.synthetic_data import write_synthetic_video_dataset
+    from musubi_tuner.wan_cache_latents import main as cache_latents
+    from musubi_tuner.wan_cache_text_encoder_outputs import main as cache_text
+
+    ds = write_synthetic_video_dataset(tmp / "data", n_videos=2, n_images=0, seed=1)
+    cache_latents(["--dataset_config", str(ds.video_toml), "--vae", str(bundle.vae), "--device", "cpu", "--vae_dtype", "float32"])
+    cache_text(["--dataset_config", str(ds.video_toml), "--t5", str(bundle.t5), "--device", "cpu"])
+    return "musubi_tuner.wan_train_network:WanNetworkTrainer", lambda out: _light_argv(
+        out, "--task", bundle.task, "--dit", str(bundle.dit), "--dataset_config", str(ds.video_toml),
+        "--network_module", "networks.lora_wan")  # fmt: skip
+
+
+def _qwen_light(tmp: Path, bundle) -> tuple[str, Callable[[Path], list[str]]]:
+    from musubi_tuner.demo.qwen_image_bundle import write_qwen_image_dataset
+    from musubi_tuner.qwen_image_cache_latents import main as cache_latents
+    from musubi_tuner.qwen_image_cache_text_encoder_outputs import main as cache_text
+
+    ds = write_qwen_image_dataset(tmp / "data", n_images=2, batch_size=1)
+    common = ["--dataset_config", str(ds.toml), "--device", "cpu", "--model_version", "original", "--num_workers", "1"]
+    cache_latents([*common, "--vae", str(bundle.vae), "--vae_dtype", "float32"])
+    cache_text([*common, "--text_encoder", str(bundle.text_encoder)])
+    return "musubi_tuner.qwen_image_train_network:QwenImageNetworkTrainer", lambda out: _light_argv(
+        out, "--model_version", "original", "--dit", str(bundle.dit), "--dataset_config", str(ds.toml),
+        "--network_module", "networks.lora_qwen_image", "--timestep_sampling", "qwen_shift")  # fmt: skip
+
+
+# one line per architecture checked with a light run: name -> (builder, its bundle fixture)
+LIGHT_ARCHS: dict[str, tuple[Callable[[Path, object], tuple[str, Callable[[Path], list[str]]]], str]] = {
+    "flux_2": (_flux2_light, "flux2_bundle"),
+    "qwen_image": (_qwen_light, "qwen_bundle"),
+    "wan_t2v": (_wan_light, "wan_t2v_bundle"),
+}
+
+
+@dataclass
+class LightRuns:
+    cases: dict[str, tuple[str, Callable[[Path], list[str]]]]  # name -> (trainer spec, argv for an output dir)
+    sharded: dict[str, Path]  # name -> output dir of its two-process run
+    shares: dict[str, dict[int, float]]  # name -> process -> share of the DiT parameters it held
+
+
+@pytest.fixture(scope="module")
+def light_runs(request, tmp_path_factory) -> LightRuns:
+    root = tmp_path_factory.mktemp("fsdp_light")
+    cases = {name: build(root / name, request.getfixturevalue(fixture)) for name, (build, fixture) in LIGHT_ARCHS.items()}
+    sharded = {name: root / name / "sharded" for name in cases}
+    plan = root / "plan.json"
+    plan.write_text(json.dumps([[spec, argv(sharded[name])] for name, (spec, argv) in cases.items()]), encoding="utf-8")
+    log = _launch([*TORCHRUN, "--master_port", "29564", str(HARNESS), "runs", str(plan)], _env(**FSDP_ENV))
+    # each process logs its share once per run, in the plan's order
+    per_process = {p: [share for q, share in _share_lines(log) if q == p] for p in (0, 1)}
+    assert all(len(v) == len(cases) for v in per_process.values()), log[-3000:]
+    shares = {name: {p: per_process[p][i] for p in (0, 1)} for i, name in enumerate(cases)}
+    return LightRuns(cases, sharded, shares)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(LIGHT_ARCHS))
+def test_fsdp2_two_processes_match_one_process(arch, light_runs, tmp_path):
+    spec, argv = light_runs.cases[arch]
+    assert all(0.45 <= s <= 0.55 for s in light_runs.shares[arch].values()), light_runs.shares[arch]
+    single = tmp_path / "single"
+    harness_run(spec, [*argv(single), "--gradient_accumulation_steps", "2"])
+    losses_sharded, losses_single = read_losses(light_runs.sharded[arch]), read_losses(single, accumulation=2)
+    assert losses_sharded.keys() == losses_single.keys()
+    assert sorted(s for curve in losses_sharded.values() for s, _ in curve) == [0, 0, 1, 1]  # one batch per process and step
+    for item, curve in losses_sharded.items():
+        assert [s for s, _ in curve] == [s for s, _ in losses_single[item]], item
+        for (_, a), (_, b) in zip(curve, losses_single[item]):
+            assert a == pytest.approx(b, rel=LOSS_RTOL), item
+    sharded_lora = light_runs.sharded[arch] / "lora.safetensors"
+    _assert_close_lora(load_file(str(sharded_lora)), load_file(str(single / "lora.safetensors")), LORA_ATOL)
+    with safe_open(str(sharded_lora), "pt") as f, safe_open(str(single / "lora.safetensors"), "pt") as g:
+        assert f.metadata().keys() == g.metadata().keys()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
