@@ -61,7 +61,7 @@ def estimate_generation(args: Any, plan: GenerationPlan, gpu_total: int, gpu_nam
     with quiet_logs(), header_only_reads(), FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
         dit = plan.build_dit()
         weights = sum(t.numel() * t.element_size() for t in [*dit.parameters(), *dit.buffers()])
-        max_swap = formulas.max_blocks_to_swap(dit, training=False) if hasattr(dit, "_block_lists") else 0
+        max_swap = formulas.max_blocks_to_swap(dit, training=False) if hasattr(dit, "_split_blocks_to_swap") else 0
         swap_s = min(plan.blocks_to_swap, max_swap)
         swap_saved, largest_block, _ = formulas.block_swap_saved(dit, swap_s, training=False) if swap_s else (0, 0, [])
         for make_inputs, state in zip(plan.dit_inputs, plan.sampler_state):

@@ -29,6 +29,7 @@ from musubi_tuner.utils.errors import UserError
 ARCHITECTURES: dict[str, str] = {
     "kandinsky5": "musubi_tuner.kandinsky5.memory",
     "flux_2": "musubi_tuner.flux_2.memory",
+    "wan": "musubi_tuner.wan.memory",
 }
 
 
