@@ -164,3 +164,106 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 MEMORY_HOOKS = WanMemoryHooks()
+
+
+def _checkpoint_bytes(path: str, what: str, notes: list[str]) -> int:
+    """Weights of a checkpoint: safetensors headers, else (official ``.pth`` / ``.bin``) the file size, said in a note —
+    a pickle cannot be sized without loading it, and its tensors are nearly all of the file."""
+    from pathlib import Path
+
+    from musubi_tuner.memory.generation import weights_bytes
+
+    p = Path(path)
+    if (p.is_dir() and any(p.rglob("*.safetensors"))) or p.suffix == ".safetensors":
+        return weights_bytes(p)
+    files = [f for f in p.rglob("*") if f.suffix in (".pth", ".pt", ".bin")] if p.is_dir() else [p]
+    notes.append(f"{what} {p.name}: not safetensors, weights taken as the file size")
+    return sum(f.stat().st_size for f in files)
+
+
+def estimate_wan_generation(args: argparse.Namespace) -> dict[str, Any]:
+    """``wan_generate_video.py --estimate_memory``: the generation estimate for parsed, validated arguments.
+
+    The DiT forward is traced for every job's latent size in bfloat16 (what a CUDA run uses); Wan 2.2 A14B counts both
+    experts' resident weights unless ``--offload_inactive_dit`` parks the inactive one on the host.
+    """
+    from blissful_tuner.generation_loop import load_jobs
+    from musubi_tuner.memory.generation import GenerationPlan, estimate_generation
+    from musubi_tuner.memory.run import resolve_gpu_total
+    from musubi_tuner.wan.generate.generator import validate_job
+    from musubi_tuner.wan.models.loading import load_dit
+
+    task = args.task_config
+    jobs = load_jobs(args, validate=validate_job, size_multiple=task.resolution_step)
+    st, sh, sw = task.vae_stride
+    shapes = sorted(
+        {((int(j.args.video_length) - 1) // st + 1, int(j.args.height) // sh, int(j.args.width) // sw) for j in jobs},
+        key=_numel,
+    )
+    notes = []
+    if args.lora_weight or getattr(args, "lora_weight_high_noise", None):
+        notes.append("--lora_weight: LoRAs are merged on load and add no memory; they are not read")
+    notes.append("VAE encode / decode activations are not modelled (weights only)")
+    expert = "low" if task.two_experts else None
+    copies = 2 if task.two_experts and not (args.offload_inactive_dit and not args.blocks_to_swap) else 1
+    if task.two_experts and copies == 1:
+        notes.append("--offload_inactive_dit: one expert on the GPU; the other one's host memory is not counted")
+
+    def build() -> torch.nn.Module:
+        return load_dit(
+            task,
+            args.dit,
+            device="cpu",
+            dtype=torch.bfloat16,
+            fp8_base=bool(args.fp8_base),
+            fp8_scaled=bool(args.fp8_scaled or args.fp8_fast),
+            attn_mode="sdpa",
+            expert=expert,
+        )
+
+    def inputs_for(shape: tuple[int, int, int]):
+        def make(dit: torch.nn.Module) -> dict[str, Any]:
+            f, h, w = shape
+            dtype = dit.compute_dtype
+            kw: dict[str, Any] = {
+                "x": torch.empty(1, task.latent_channels, f, h, w, dtype=dtype),
+                "timestep": torch.empty(1),
+                "context": [torch.empty(512, dit.text_embedding[0].in_features, dtype=dtype)],
+            }
+            if dit.in_dim > task.latent_channels:
+                kw["y"] = torch.empty(1, dit.in_dim - task.latent_channels, f, h, w, dtype=dtype)
+            if dit.has_image_input:
+                kw["clip_fea"] = torch.empty(2 if task.flf2v else 1, 257, dit.img_emb.proj[1].in_features)
+            if task.ti2v:
+                pt, ph, pw = dit.patch_size
+                kw["timestep"] = torch.empty(1, (f // pt) * (h // ph) * (w // pw))
+            return kw
+
+        return make
+
+    t5 = _checkpoint_bytes(args.t5, "--t5", notes) if args.t5 else 0
+    if args.fp8_t5:
+        t5 //= 2
+        notes.append("--fp8_t5: T5 weights estimated at half their bf16 size")
+    te = {"UMT5": (t5, True)}
+    if args.clip:
+        te["CLIP"] = (_checkpoint_bytes(args.clip, "--clip", notes), True)
+        notes.append("T5 and CLIP are counted together (the generator frees T5 first): an upper bound for that phase")
+    vae = _checkpoint_bytes(args.vae, "--vae", notes) if args.vae else 0
+    c = task.latent_channels
+    state = [4 * c * _numel(s) * 4 for s in shapes]  # x, the sampler's state and two velocities (CFG) in fp32
+    gpu_total, gpu_name = resolve_gpu_total(args)
+    f, h, w = shapes[-1]
+    plan = GenerationPlan(
+        title=f"wan {task.name} generation — latent {f}x{h}x{w} — GPU {gpu_name}",
+        build_dit=build,
+        dit_inputs=[inputs_for(s) for s in shapes],
+        call_dit=lambda dit, kw: dit(**kw),
+        sampler_state=state,
+        blocks_to_swap=int(args.blocks_to_swap or 0),
+        text_encoders=te,
+        vae=vae,
+        notes=notes,
+        dit_copies=copies,
+    )
+    return estimate_generation(args, plan, gpu_total, gpu_name, "wan")
