@@ -40,9 +40,8 @@ def _train_argv(bundle, ds, tmp_path, *extra):
             "--output_name", "x", "--max_data_loader_n_workers", "0", "--gpu_memory", "24", *extra]  # fmt: skip
 
 
-@pytest.fixture
-def no_tensor_data(monkeypatch):
-    """Any read of tensor data (weights or caches) fails the test."""
+def _refuse_tensor_reads(monkeypatch) -> None:
+    """Any read of tensor data (weights or caches) from now on fails the test."""
     import safetensors
     import safetensors.torch
 
@@ -57,6 +56,22 @@ def no_tensor_data(monkeypatch):
     monkeypatch.setattr(safetensors, "safe_open", refuse)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(group, "load_tensors", refuse)
+
+
+@pytest.fixture
+def no_tensor_data(monkeypatch):
+    """Any read of tensor data (weights or caches) fails the test."""
+    _refuse_tensor_reads(monkeypatch)
+
+
+@pytest.fixture
+def no_tensor_data_after_caching(monkeypatch):
+    """A function that, once called (after the test wrote its caches), makes any read of tensor data fail the test."""
+
+    def arm() -> None:
+        _refuse_tensor_reads(monkeypatch)
+
+    return arm
 
 
 def test_train_estimate_reads_headers_only_and_pins_the_schema(k5_bundle, cached, tmp_path, capsys, no_tensor_data):
@@ -117,3 +132,97 @@ def test_generate_estimate(k5_bundle, tmp_path, capsys, no_tensor_data):
     doc = json.loads(out.read_text())
     assert doc["mode"] == "generate" and doc["device"]["phases"]["denoising"] > doc["device"]["dit_weights"] > 0
     assert not (tmp_path / "o").exists()  # nothing generated, nothing written but the JSON
+
+
+# -- the other architectures: one estimate per script on their tiny bundles (ARCHITECTURE_CHECKLIST line 14) ---------
+
+
+def _check_train_doc(doc: dict, arch: str) -> None:
+    assert doc["architecture"] == arch and doc["mode"] == "train"
+    d = doc["device"]
+    formula_sum = d["formula"]["context"] + d["formula"]["workspaces"] + d["formula"]["slack"]
+    assert d["predicted_peak"] == d["traced"]["peak"] + formula_sum  # no swap / offload / bnb terms here
+    t = d["traced"]
+    assert t["params"] > 0 and t["trainable"] > 0 and t["activations"] > 0
+    assert t["phase_peaks"]["optimizer"] >= t["params"] + 4 * t["trainable"]  # AdamW: LoRA, grads, two moments
+
+
+def test_flux2_estimates(flux2_bundle, tmp_path_factory, tmp_path, capsys, no_tensor_data_after_caching):
+    """FLUX.2 klein on the editing dataset (reference latents in the batch): the train script's --estimate_memory, and
+    estimate_memory.py generate with a reference image."""
+    from musubi_tuner.demo.flux2_data import write_flux2_dataset
+    from musubi_tuner.flux_2_cache_latents import main as cache_latents
+    from musubi_tuner.flux_2_cache_text_encoder_outputs import main as cache_text
+    from musubi_tuner.flux_2_train_network import main as train_main
+
+    b = flux2_bundle
+    data = write_flux2_dataset(tmp_path_factory.mktemp("f2_estimate") / "data", n_images=2)
+    cache_latents(["--dataset_config", str(data.edit_toml), "--vae", str(b.vae), "--device", "cpu"])
+    cache_text(["--dataset_config", str(data.edit_toml), "--text_encoder", str(b.text_encoder_qwen3), "--model_version",
+                "klein-4b", "--device", "cpu"])  # fmt: skip
+    no_tensor_data_after_caching()
+    out = tmp_path / "t.json"
+    train_main(["--model_version", "klein-4b", "--dit", str(b.dit_klein), "--dataset_config", str(data.edit_toml),
+                "--network_module", "networks.lora_flux_2", "--network_dim", "4", "--output_dir", str(tmp_path / "out"),
+                "--output_name", "x", "--max_data_loader_n_workers", "0", "--gpu_memory", "24", "--estimate_memory",
+                "--estimate_json", str(out)])  # fmt: skip
+    assert "= traced peak" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    _check_train_doc(doc, "flux_2")
+    # the largest step: 64x64 target (4x4 latent) with both references (4x4 and 2x2) in the batch
+    assert doc["shapes"]["latent"] == [128, 4, 4] and doc["shapes"]["text_len"] == 512
+    g = tmp_path / "g.json"
+    ref = next(data.root.glob("controls/*_0.png"))
+    estimate_memory.main(["generate", "--model_version", "klein-4b", "--dit", str(b.dit_klein), "--vae", str(b.vae),
+                          "--text_encoder", str(b.text_encoder_qwen3), "--prompt", "a cat", "--image_size", "64", "64",
+                          "--control_image_path", str(ref), "--save_path", str(tmp_path / "o"), "--device", "cpu",
+                          "--estimate_json", str(g)])  # fmt: skip
+    gen = json.loads(g.read_text())
+    assert gen["architecture"] == "flux_2" and gen["device"]["phases"]["denoising"] > gen["device"]["dit_weights"] > 0
+    assert not (tmp_path / "o").exists() and not (tmp_path / "out").exists()
+    assert not torch.cuda.is_initialized()
+
+
+def test_wan_estimates(wan_i2v_bundle, wan_a14b_bundle, tmp_path_factory, tmp_path, capsys, no_tensor_data_after_caching):
+    """Wan 2.1 I2V (image condition + CLIP tokens in the batch) through the train script, 2.2 A14B --expert both through
+    estimate_memory.py, and the I2V generation estimate (both experts resident for A14B)."""
+    from musubi_tuner.demo.synthetic_data import write_synthetic_video_dataset
+    from musubi_tuner.wan_cache_latents import main as cache_latents
+    from musubi_tuner.wan_cache_text_encoder_outputs import main as cache_text
+    from musubi_tuner.wan_train_network import main as train_main
+
+    b, a = wan_i2v_bundle, wan_a14b_bundle
+    ds = write_synthetic_video_dataset(tmp_path_factory.mktemp("wan_estimate") / "data", n_videos=1, n_images=0, seed=1)
+    cache_latents(["--dataset_config", str(ds.video_toml), "--vae", str(b.vae), "--device", "cpu", "--i2v", "--clip", str(b.clip)])
+    cache_text(["--dataset_config", str(ds.video_toml), "--t5", str(b.t5), "--device", "cpu"])
+    no_tensor_data_after_caching()
+
+    def train_argv(task, dit, *extra):
+        return ["--task", task, "--dit", str(dit), "--dataset_config", str(ds.video_toml), "--network_module",
+                "networks.lora_wan", "--network_dim", "4", "--output_dir", str(tmp_path / "out"), "--output_name", "x",
+                "--max_data_loader_n_workers", "0", "--gpu_memory", "24", "--estimate_memory", *extra]  # fmt: skip
+
+    out = tmp_path / "t.json"
+    train_main(train_argv("i2v-14B", b.dit, "--estimate_json", str(out)))
+    doc = json.loads(out.read_text())
+    _check_train_doc(doc, "wan")
+    assert doc["shapes"]["latent"] == [16, 5, 8, 8]  # 17 frames 64x64
+    both = tmp_path / "both.json"
+    estimate_memory.main(["train", *train_argv("i2v-A14B", a.dit, "--dit_high_noise", str(a.dit_high_noise), "--expert",
+                                               "both", "--estimate_json", str(both))])  # fmt: skip
+    pair = json.loads(both.read_text())
+    assert any("--expert both" in n for n in pair["notes"])
+    capsys.readouterr()
+    g = tmp_path / "g.json"
+    gen_argv = ["--task", "i2v-A14B", "--dit", str(a.dit), "--dit_high_noise", str(a.dit_high_noise), "--vae", str(a.vae),
+                "--t5", str(a.t5), "--image_path", str(ds.start_image), "--prompt", "a cat", "--video_size", "32", "32",
+                "--video_length", "5", "--save_path", str(tmp_path / "o"), "--device", "cpu", "--estimate_json", str(g)]  # fmt: skip
+    estimate_memory.main(["generate", *gen_argv])
+    two = json.loads(g.read_text())["device"]
+    estimate_memory.main(["generate", *gen_argv, "--offload_inactive_dit"])
+    one = json.loads(g.read_text())["device"]
+    # both experts resident: one expert's weights more than with the inactive one parked on the host
+    assert two["dit_weights"] == 2 * one["dit_weights"] > 0
+    assert two["phases"]["denoising"] - one["phases"]["denoising"] == one["dit_weights"]
+    assert "not safetensors" in capsys.readouterr().out  # the .pth T5 / VAE are sized by file, and the report says so
+    assert not (tmp_path / "o").exists() and not (tmp_path / "out").exists()

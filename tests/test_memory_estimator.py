@@ -10,10 +10,12 @@ import json
 import math
 from pathlib import Path
 
+import flux2_medium
 import k5_medium
 import pytest
 import torch
 import torch.nn as nn
+import wan_medium
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from musubi_tuner.memory import formulas
@@ -33,9 +35,20 @@ def small_checkpoints(tmp_path_factory) -> dict[bool, Path]:
     return {fp8: k5_medium.write_checkpoint(d / f"dit_{fp8}.safetensors", config=cfg, fp8=fp8) for fp8 in (False, True)}
 
 
-def _model(path: Path, *, fp8: bool, dtype: torch.dtype, gc: bool):
-    dit = k5_medium.load(path, fp8=fp8, dtype=dtype)
-    net = k5_medium.add_network(dit)
+@pytest.fixture(scope="module")
+def medium_checkpoints(tmp_path_factory) -> dict[tuple[str, bool], Path]:
+    """The FLUX.2 and Wan medium configs as bf16 and pre-quantised fp8 files, keyed by (module name, fp8)."""
+    d = tmp_path_factory.mktemp("medium")
+    return {
+        (m.__name__, fp8): m.write_checkpoint(d / f"{m.__name__}_{fp8}.safetensors", fp8=fp8)
+        for m in (flux2_medium, wan_medium)
+        for fp8 in (False, True)
+    }
+
+
+def _model(path: Path, *, fp8: bool, dtype: torch.dtype, gc: bool, arch=k5_medium):
+    dit = arch.load(path, fp8=fp8, dtype=dtype)
+    net = arch.add_network(dit)
     if gc:
         dit.enable_gradient_checkpointing()
         dit.train()
@@ -58,13 +71,13 @@ def _step(dit, net, inputs, autocast: bool, tracker: LiveTensorTracker | None = 
         opt.zero_grad(set_to_none=True)
 
 
-def _traced(path: Path, *, fake: bool, fp8: bool, dtype: torch.dtype, gc: bool, autocast: bool, latent=LATENT):
+def _traced(path: Path, *, fake: bool, fp8: bool, dtype: torch.dtype, gc: bool, autocast: bool, latent=LATENT, arch=k5_medium):
     """Tracker peak of one step (fake: header-only load, fake tensors; real: real weights), and for the real run the
-    bytes held before the step plus the CPU allocator's peak during it."""
+    bytes held before the step plus the CPU allocator's peak during it. ``arch``: the medium-config module."""
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with header_only_reads() if fake else contextlib.nullcontext(), mode:
-        dit, net = _model(path, fp8=fp8, dtype=dtype, gc=gc)
-        inputs = k5_medium.inputs(latent, dtype=torch.float32 if autocast else dtype)
+        dit, net = _model(path, fp8=fp8, dtype=dtype, gc=gc, arch=arch)
+        inputs = arch.inputs(latent, dtype=torch.float32 if autocast else dtype)
         tracker = LiveTensorTracker()
         tracker.register_module(dit)
         tracker.register_module(net)
@@ -85,13 +98,21 @@ CONFIGS = {
     "bf16-GC": dict(fp8=False, dtype=torch.bfloat16, gc=True, autocast=False, latent=FEW_TOKENS),
     "fp8-GC": dict(fp8=True, dtype=torch.float32, gc=True, autocast=False, latent=(1, 16, 1, 16, 16)),
     "fp32-autocast": dict(fp8=False, dtype=torch.float32, gc=False, autocast=True, latent=FEW_TOKENS),
+    # every other architecture's medium config (ARCHITECTURE_CHECKLIST line 14): fp32 without and fp8 with checkpointing
+    "flux_2-fp32-noGC": dict(
+        arch=flux2_medium, fp8=False, dtype=torch.float32, gc=False, autocast=False, latent=flux2_medium.LATENT
+    ),
+    "flux_2-fp8-GC": dict(arch=flux2_medium, fp8=True, dtype=torch.float32, gc=True, autocast=False, latent=flux2_medium.LATENT),
+    "wan-fp32-noGC": dict(arch=wan_medium, fp8=False, dtype=torch.float32, gc=False, autocast=False, latent=wan_medium.LATENT),
+    "wan-fp8-GC": dict(arch=wan_medium, fp8=True, dtype=torch.float32, gc=True, autocast=False, latent=wan_medium.LATENT),
 }
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_trace_matches_cpu_allocator_and_real_dispatch(small_checkpoints, name):
+def test_trace_matches_cpu_allocator_and_real_dispatch(small_checkpoints, medium_checkpoints, name):
     cfg = CONFIGS[name]
-    path = small_checkpoints[cfg["fp8"]]
+    arch = cfg.get("arch", k5_medium)
+    path = small_checkpoints[cfg["fp8"]] if arch is k5_medium else medium_checkpoints[(arch.__name__, cfg["fp8"])]
     fake, _ = _traced(path, fake=True, **cfg)
     real, allocator = _traced(path, fake=False, **cfg)
     assert fake.peak == real.peak and fake.phase_peaks == real.phase_peaks  # fake = real dispatch, exactly

@@ -38,6 +38,11 @@ def run(args: argparse.Namespace, *, read_line: Callable[[str], str] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``flux_2_generate_image.py``."""
     args = parse_args(argv)
+    if args.estimate_memory:
+        from musubi_tuner.flux_2.memory import estimate_flux2_generation
+
+        estimate_flux2_generation(args)  # headers only: nothing is loaded, no CUDA context
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(args)
 

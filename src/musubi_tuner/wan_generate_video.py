@@ -68,6 +68,11 @@ def run(args: argparse.Namespace, *, read_line: Callable[[str], str] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``wan_generate_video.py``."""
     args = parse_args(argv)
+    if args.estimate_memory:
+        from musubi_tuner.wan.memory import estimate_wan_generation
+
+        estimate_wan_generation(args)  # headers only: nothing is loaded, no CUDA context
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(args)
 

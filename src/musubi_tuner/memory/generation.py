@@ -34,6 +34,7 @@ class GenerationPlan:
     text_encoders: dict[str, tuple[int, bool]] = field(default_factory=dict)  # name -> (bytes, on GPU)
     vae: int = 0
     notes: list[str] = field(default_factory=list)
+    dit_copies: int = 1  # DiTs of the same dims resident together (Wan 2.2 A14B experts): each adds its resident weights
 
 
 def weights_bytes(path: str | Path) -> int:
@@ -61,7 +62,7 @@ def estimate_generation(args: Any, plan: GenerationPlan, gpu_total: int, gpu_nam
     with quiet_logs(), header_only_reads(), FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
         dit = plan.build_dit()
         weights = sum(t.numel() * t.element_size() for t in [*dit.parameters(), *dit.buffers()])
-        max_swap = formulas.max_blocks_to_swap(dit, training=False) if hasattr(dit, "_block_lists") else 0
+        max_swap = formulas.max_blocks_to_swap(dit, training=False) if hasattr(dit, "_split_blocks_to_swap") else 0
         swap_s = min(plan.blocks_to_swap, max_swap)
         swap_saved, largest_block, _ = formulas.block_swap_saved(dit, swap_s, training=False) if swap_s else (0, 0, [])
         for make_inputs, state in zip(plan.dit_inputs, plan.sampler_state):
@@ -75,7 +76,7 @@ def estimate_generation(args: Any, plan: GenerationPlan, gpu_total: int, gpu_nam
             peaks.append(tracker.result.peak + state)
     if plan.blocks_to_swap > swap_s:
         plan.notes.append(f"--blocks_to_swap {plan.blocks_to_swap} is more than the model can swap; counted as {swap_s}")
-    denoise = max(peaks) - swap_saved
+    denoise = max(peaks) - swap_saved + (plan.dit_copies - 1) * (weights - swap_saved)
     te_gpu = sum(b for b, on_gpu in plan.text_encoders.values() if on_gpu)
     phases = {"text encoding": te_gpu, "denoising": denoise + c.cublas_workspace, "decoding (VAE weights only)": plan.vae}
     allocated = max(phases.values())
@@ -92,7 +93,7 @@ def estimate_generation(args: Any, plan: GenerationPlan, gpu_total: int, gpu_nam
         "config": {"task": getattr(args, "task", None), "dit": str(getattr(args, "dit", "")), "blocks_to_swap": swap_s},
         "device": {
             "phases": phases,
-            "dit_weights": weights,
+            "dit_weights": weights * plan.dit_copies,
             "formula": {"swap_saved": swap_saved, "context": c.cuda_context, "workspaces": c.cublas_workspace, "slack": slack},
             "predicted_peak": predicted,
             "gpu_total": gpu_total,

@@ -28,6 +28,8 @@ from musubi_tuner.utils.errors import UserError
 # architecture name -> module holding MEMORY_HOOKS; later architectures add their line here
 ARCHITECTURES: dict[str, str] = {
     "kandinsky5": "musubi_tuner.kandinsky5.memory",
+    "flux_2": "musubi_tuner.flux_2.memory",
+    "wan": "musubi_tuner.wan.memory",
 }
 
 

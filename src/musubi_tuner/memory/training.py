@@ -212,7 +212,7 @@ def trace_training_step(trainer: Any, args: Any, hooks: ArchMemoryHooks, shape: 
         tracker.result.kept_block_inputs = list(kept)
         weights = sum(t.numel() * t.element_size() for t in [*transformer.parameters(), *transformer.buffers()])
         train_bytes = sum(p.numel() * p.element_size() for p in trainable)
-        max_swap = formulas.max_blocks_to_swap(transformer, training=True) if hasattr(transformer, "_block_lists") else 0
+        max_swap = formulas.max_blocks_to_swap(transformer, training=True) if hasattr(transformer, "_split_blocks_to_swap") else 0
         swap = [formulas.block_swap_saved(transformer, s, training=True) for s in range(max_swap + 1)]
         largest = max((t.numel() * t.element_size() for t in transformer.state_dict().values()), default=0)
         attention = hooks.attention_dims(transformer, shape)

@@ -15,6 +15,7 @@ from blissful_tuner.blissful_core import (
 from blissful_tuner.generation_loop import Job
 from musubi_tuner.flux_2.configs import get_model_version, model_version_names
 from musubi_tuner.flux_2.pipeline import check_image_size
+from musubi_tuner.memory.options import add_memory_args, check_memory_args
 from musubi_tuner.modules.fp8_optimization import check_scaled_mm_supported
 from musubi_tuner.utils.devices import resolve_device
 from musubi_tuner.utils.errors import UserError
@@ -80,6 +81,7 @@ def setup_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--save_path", type=str, default=None, help="output directory (created); names <time>_<seed>.png")
     add_blissful_generation_args(p)
+    add_memory_args(p)
     p.set_defaults(output_type="images")
     return p
 
@@ -87,6 +89,7 @@ def setup_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line (exit 2 on a user error, before any model is loaded)."""
     args = setup_parser().parse_args(argv)
+    check_memory_args(args)
     merge_aliases(args, ALIAS_GROUPS)
     for flag, attr, why in (
         ("--include_patterns", "include_patterns", "LoRAs are merged whole"),

@@ -10,6 +10,7 @@ import torch
 
 from blissful_tuner.blissful_core import add_blissful_generation_args, parse_blissful_args
 from blissful_tuner.media_output import check_output_type
+from musubi_tuner.memory.options import add_memory_args, check_memory_args
 from musubi_tuner.modules.attention import attention_mode_from_args
 from musubi_tuner.modules.fp8_optimization import check_scaled_mm_supported
 from musubi_tuner.utils.devices import resolve_device
@@ -135,6 +136,7 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--nag_prompt", type=str, default=None, help="NAG negative prompt (default: the negative prompt)")
     g.add_argument("--save_path", type=str, default=None, help="output directory")
     add_blissful_generation_args(p)
+    add_memory_args(p)
     return p
 
 
@@ -163,6 +165,7 @@ def _cfg_skip_steps(mode: str, ratio: float | None, steps: int) -> list[bool] | 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate (exit 2 with one message on a user error)."""
     args = setup_parser().parse_args(argv)
+    check_memory_args(args)
     for attr, msg in REFUSED:
         if getattr(args, attr):
             raise UserError(msg)

@@ -1,0 +1,211 @@
+"""FLUX.2 hooks of the memory estimator (``musubi_tuner.memory.hooks``; docs/memory.md).
+
+The training batch is the layout ``CachedDataset.load_batch`` yields for FLUX.2 caches: ``latents`` ``(B, 128, h, w)``
+(images, no frame axis), ``ctx_vec`` ``(B, 512, 3·hidden)`` and, for editing datasets, ``latents_control_{i}``
+``(B, 128, hi, wi)`` per reference image. Sizes and dtypes come from the cache headers. The step (``call_dit``) packs
+target and reference tokens and builds ids from shapes only, so it traces as it runs; there is no text mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+import torch
+
+from musubi_tuner.dataset.cache_format import batch_key, read_header
+from musubi_tuner.flux_2.configs import TEXT_MAX_LENGTH, model_version_names
+from musubi_tuner.memory.hooks import StepShape
+from musubi_tuner.utils.errors import UserError
+
+LATENT_CHANNELS = 128
+_CONTROL = re.compile(r"^latents_control_(\d+)$")
+
+
+class Flux2MemoryHooks:
+    """``ArchMemoryHooks`` for FLUX.2 (dev, klein)."""
+
+    name = "flux_2"
+    train_script = "musubi_tuner.flux_2_train_network:main"
+    generate_script = "musubi_tuner.flux_2_generate_image:main"
+
+    def detect(self, argv: list[str]) -> bool:
+        """``--model_version`` naming a FLUX.2 variant (dev is its default: pass ``--arch flux_2`` without it)."""
+        names = set(model_version_names())
+        for i, a in enumerate(argv):
+            value = a.split("=", 1)[1] if a.startswith("--model_version=") else None
+            if a == "--model_version" and i + 1 < len(argv):
+                value = argv[i + 1]
+            if value in names:
+                return True
+        return False
+
+    def step_shape(self, args: argparse.Namespace, trainer: Any, train_group: Any) -> StepShape:
+        """The largest step (B · target and reference tokens) over the training datasets; text is always 512 tokens."""
+        best = None
+        buckets = set()
+        for ds in train_group.datasets:
+            for item in ds.items:
+                if item.latent_shape is None:
+                    continue
+                entries, _ = read_header(item.latent_path)
+                refs = sorted(
+                    (int(m.group(1)), tuple(int(s) for s in e["shape"][-3:]), e["dtype"])
+                    for k, e in entries.items()
+                    if (m := _CONTROL.match(batch_key(k)[0]))
+                )
+                shape = tuple(int(s) for s in item.latent_shape)
+                buckets.add((shape, tuple(r[1] for r in refs)))
+                tokens = _numel(shape[-2:]) + sum(_numel(r[1][-2:]) for r in refs)
+                size = ds.batch_size * tokens
+                if best is None or size > best[0]:
+                    best = (size, ds, item, entries, refs)
+        if best is None:
+            raise UserError(f"{args.dataset_config}: no cached latents found; run flux_2_cache_latents.py first")
+        _, ds, item, entries, refs = best
+        te, _ = read_header(item.te_path)
+        ctx = _entry(te, "ctx_vec")
+        if ctx is None:
+            raise UserError(f"{item.te_path}: no FLUX.2 text embeddings (ctx_vec); run flux_2_cache_text_encoder_outputs.py")
+        details = {
+            "latent_dtype": _entry(entries, "latents")["dtype"] if _entry(entries, "latents") else "float32",
+            "references": [list(r[1]) for r in refs],
+            "reference_dtypes": [r[2] for r in refs],
+            "text_dim": int(ctx["shape"][-1]),
+            "text_dtype": ctx["dtype"],
+        }
+        return StepShape(
+            batch=ds.batch_size,
+            latent=tuple(int(s) for s in item.latent_shape),
+            text_len=int(ctx["shape"][-2]),
+            buckets=len(buckets),
+            details=details,
+        )
+
+    def make_fake_batch(self, args: argparse.Namespace, shape: StepShape) -> dict[str, Any]:
+        d = shape.details
+        b = shape.batch
+        batch: dict[str, Any] = {
+            "latents": torch.empty(b, *shape.latent, dtype=_torch_dtype(d["latent_dtype"])),
+            "ctx_vec": torch.empty(b, shape.text_len, d["text_dim"], dtype=_torch_dtype(d["text_dtype"])),
+        }
+        for i, (ref, dtype) in enumerate(zip(d["references"], d["reference_dtypes"])):
+            batch[f"latents_control_{i}"] = torch.empty(b, *ref, dtype=_torch_dtype(dtype))
+        return batch
+
+    def prepare_trace(self, trainer: Any, transformer: Any) -> tuple[Any, list[str]]:
+        return transformer, []  # no mask, no sparse attention: the step traces as it runs
+
+    def attention_dims(self, transformer: Any, shape: StepShape) -> tuple[int, int, int]:
+        cfg = transformer.config
+        heads = int(cfg["num_heads"])
+        image = _numel(shape.latent[-2:]) + sum(_numel(r[-2:]) for r in shape.details.get("references", []))
+        return heads, int(cfg["hidden_size"]) // heads, image + shape.text_len
+
+    def frame_choices(self, shape: StepShape) -> list[int]:
+        return []  # images: no frame axis to sweep
+
+
+def _numel(shape: tuple[int, ...] | list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _entry(entries: dict[str, dict], name: str) -> dict | None:
+    for key, e in entries.items():
+        if batch_key(key)[0] == name:
+            return e
+    return None
+
+
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, _DTYPES.get(name, name))
+
+
+MEMORY_HOOKS = Flux2MemoryHooks()
+
+
+def estimate_flux2_generation(args: argparse.Namespace) -> dict[str, Any]:
+    """``flux_2_generate_image.py --estimate_memory``: the generation estimate for parsed, validated arguments.
+
+    Reference images count at the size they will be encoded at (their header size, ``reference_size``); the VAE encode
+    of the references and the decode are counted as VAE weights only.
+    """
+    from PIL import Image
+
+    from blissful_tuner.generation_loop import load_jobs
+    from musubi_tuner.flux_2.generate.args import validate_job
+    from musubi_tuner.flux_2.models.loading import load_dit
+    from musubi_tuner.flux_2.pipeline import reference_size
+    from musubi_tuner.flux_2.sampling import build_img_ids, build_txt_ids
+    from musubi_tuner.memory.generation import GenerationPlan, estimate_generation, weights_bytes
+    from musubi_tuner.memory.run import resolve_gpu_total
+    from musubi_tuner.utils.dtypes import parse_dtype
+
+    version = args.version
+    jobs = load_jobs(args, validate=validate_job)  # the same per-line checks as a real run (sizes, reference images)
+    sizes = set()
+    for job in jobs:
+        a = job.args
+        h, w = int(a.height) // 16, int(a.width) // 16
+        refs = []
+        for path in a.control_image_path or []:
+            with Image.open(path) as img:  # reads the header: the size only
+                rw, rh = reference_size(img.size, (int(a.width), int(a.height)), not a.no_resize_control)
+            refs.append((rh // 16, rw // 16))
+        sizes.add(((h, w), tuple(refs)))
+    shapes = sorted(sizes, key=lambda s: _numel(s[0]) + sum(_numel(r) for r in s[1]))
+    notes = ["--lora_weight: LoRAs are merged on load and add no memory; they are not read"] if args.lora_weight else []
+    notes.append("VAE encode / decode activations are not modelled (weights only)")
+    if args.fp8_text_encoder:
+        notes.append("--fp8_text_encoder: text encoder weights estimated at half their bf16 file size")
+    dtype = parse_dtype(args.dit_dtype, torch.bfloat16, flag="--dit_dtype")
+
+    def build() -> torch.nn.Module:
+        return load_dit(version, args.dit, device="cpu", dtype=dtype, fp8_scaled=args.fp8_scaled, attn_mode="sdpa")
+
+    def inputs_for(shape):
+        (h, w), refs = shape
+
+        def make(dit: torch.nn.Module) -> dict[str, Any]:
+            tokens = h * w + sum(rh * rw for rh, rw in refs)
+            ctx_dim = dit.config["context_in_dim"]
+            return {
+                "img": torch.empty(1, tokens, dit.in_channels, dtype=dit.compute_dtype),
+                "img_ids": build_img_ids((h, w), list(refs)),
+                "txt": torch.empty(1, TEXT_MAX_LENGTH, ctx_dim, dtype=dit.compute_dtype),
+                "txt_ids": build_txt_ids(TEXT_MAX_LENGTH),
+                "timesteps": torch.empty(1),
+                "guidance": torch.empty(1) if dit.guidance_embed else None,
+            }
+
+        return make
+
+    te = weights_bytes(args.text_encoder)
+    if args.fp8_text_encoder:
+        te = te // 2
+    vae = weights_bytes(args.vae) if args.vae else 0
+    # x, noise and the velocity in fp32; true CFG (klein base) keeps a second velocity
+    state = [(3 + int(version.uses_cfg)) * LATENT_CHANNELS * _numel(s[0]) * 4 for s in shapes]
+    gpu_total, gpu_name = resolve_gpu_total(args)
+    (bh, bw), brefs = shapes[-1]
+    plan = GenerationPlan(
+        title=f"flux_2 {version.name} generation — latent {bh}x{bw}"
+        + (f" + {len(brefs)} reference(s)" if brefs else "")
+        + f" — GPU {gpu_name}",
+        build_dit=build,
+        dit_inputs=[inputs_for(s) for s in shapes],
+        call_dit=lambda dit, kw: dit(**kw),
+        sampler_state=state,
+        blocks_to_swap=int(args.blocks_to_swap or 0),
+        text_encoders={"text encoder": (te, not args.text_encoder_cpu)},
+        vae=vae,
+        notes=notes,
+    )
+    return estimate_generation(args, plan, gpu_total, gpu_name, "flux_2")
