@@ -226,3 +226,50 @@ def test_wan_estimates(wan_i2v_bundle, wan_a14b_bundle, tmp_path_factory, tmp_pa
     assert two["phases"]["denoising"] - one["phases"]["denoising"] == one["dit_weights"]
     assert "not safetensors" in capsys.readouterr().out  # the .pth T5 / VAE are sized by file, and the report says so
     assert not (tmp_path / "o").exists() and not (tmp_path / "out").exists()
+
+
+def test_qwen_image_estimates(qwen_bundle, tmp_path_factory, tmp_path, capsys, no_tensor_data_after_caching):
+    """Qwen-Image Edit-2509 with two control latents per item and a batch of two captions of different lengths (masked
+    varlen text) through the train script, and the Layered generation estimate through estimate_memory.py."""
+    from safetensors import safe_open
+
+    from musubi_tuner.demo.qwen_image_bundle import write_qwen_image_dataset
+    from musubi_tuner.qwen_image_cache_latents import main as cache_latents
+    from musubi_tuner.qwen_image_cache_text_encoder_outputs import main as cache_text
+    from musubi_tuner.qwen_image_train_network import main as train_main
+
+    b = qwen_bundle
+    ds = write_qwen_image_dataset(tmp_path_factory.mktemp("qi_estimate") / "data", n_images=2, controls=2, batch_size=2)
+    common = ["--dataset_config", str(ds.toml), "--device", "cpu", "--model_version", "edit-2509", "--num_workers", "1"]
+    cache_latents([*common, "--vae", str(b.vae_file), "--vae_dtype", "float32"])
+    cache_text([*common, "--text_encoder", str(b.text_encoder)])
+    lengths = []
+    for path in sorted(ds.cache_dir.glob("*_te.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            lengths += [f.get_slice(k).get_shape()[0] for k in f.keys()]
+    no_tensor_data_after_caching()
+    out = tmp_path / "t.json"
+    train_main(["--model_version", "edit-2509", "--dit", str(b.dit), "--dataset_config", str(ds.toml), "--network_module",
+                "networks.lora_qwen_image", "--network_dim", "4", "--output_dir", str(tmp_path / "out"), "--output_name", "x",
+                "--max_data_loader_n_workers", "0", "--gpu_memory", "24", "--estimate_memory", "--estimate_json", str(out)])  # fmt: skip
+    assert "= traced peak" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    _check_train_doc(doc, "qwen_image")
+    assert len(set(lengths)) == 2  # the batch pads the shorter caption: the step is traced at the longer one
+    assert doc["shapes"]["latent"] == [16, 1, 6, 8] and doc["shapes"]["text_len"] == max(lengths)
+    assert doc["shapes"]["batch"] == 2 and any("text key mask" in n for n in doc["notes"])
+    g = tmp_path / "g.json"
+    control = next(ds.control_dir.glob("*.png"))
+    gen_argv = ["--model_version", "layered", "--dit", str(b.dit_layered), "--vae", str(b.vae_layered), "--text_encoder",
+                str(b.text_encoder), "--prompt", "a cat", "--image_size", "32", "32", "--control_image_path", str(control),
+                "--output_layers", "2", "--save_path", str(tmp_path / "o"), "--device", "cpu", "--estimate_json", str(g)]  # fmt: skip
+    estimate_memory.main(["generate", *gen_argv])
+    three = json.loads(g.read_text())
+    assert three["architecture"] == "qwen_image" and any("512-token cap" in n for n in three["notes"])
+    estimate_memory.main(["generate", *gen_argv, "--output_layers", "6"])  # the last value wins
+    seven = json.loads(g.read_text())["device"]
+    # more layers: more target frames in the same DiT call, the same weights
+    assert seven["dit_weights"] == three["device"]["dit_weights"] > 0
+    assert seven["phases"]["denoising"] > three["device"]["phases"]["denoising"]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "out").exists()
+    assert not torch.cuda.is_initialized()

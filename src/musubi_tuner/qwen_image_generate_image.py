@@ -75,6 +75,11 @@ def run(args: argparse.Namespace, *, read_line: Callable[[str], str] | None = No
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``qwen_image_generate_image.py``."""
     args = parse_args(argv)
+    if args.estimate_memory:
+        from musubi_tuner.qwen_image.memory import estimate_qwen_image_generation
+
+        estimate_qwen_image_generation(args)  # headers only: nothing is loaded, no CUDA context
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(args)
 

@@ -30,6 +30,7 @@ ARCHITECTURES: dict[str, str] = {
     "kandinsky5": "musubi_tuner.kandinsky5.memory",
     "flux_2": "musubi_tuner.flux_2.memory",
     "wan": "musubi_tuner.wan.memory",
+    "qwen_image": "musubi_tuner.qwen_image.memory",
 }
 
 

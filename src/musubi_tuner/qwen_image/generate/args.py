@@ -13,6 +13,7 @@ from pathlib import Path
 
 from blissful_tuner.blissful_core import add_blissful_generation_args, parse_blissful_args
 from blissful_tuner.media_output import check_output_type
+from musubi_tuner.memory.options import add_memory_args, check_memory_args
 from musubi_tuner.qwen_image.configs import PIXEL_STEP, add_model_version_args, resolve_model_version
 from musubi_tuner.utils.devices import resolve_device
 from musubi_tuner.utils.errors import UserError
@@ -105,6 +106,7 @@ def setup_parser() -> argparse.ArgumentParser:
     o.add_argument("--append_original_name", action="store_true", help="append the control image's (or latent's) name")
 
     add_blissful_generation_args(p)
+    add_memory_args(p)
     p.set_defaults(output_type="images")
     return p
 
@@ -125,6 +127,7 @@ def _check_files(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line; every check that needs no model runs here (exit 2 on a user error)."""
     args = setup_parser().parse_args(argv)
+    check_memory_args(args)
     version = resolve_model_version(args)
     args.version = version
     args.device = str(resolve_device(args.device))

@@ -261,22 +261,27 @@ def rope_positions(img_shapes: ImgShapes, text_len: int, *, layered: bool = Fals
     """
     parts = []
     max_vid = 0
+    largest = 0  # the largest |position|, from the shapes alone (no data read: fake-tensor traces run this too)
     last = len(img_shapes) - 1
     for idx, (f, h, w) in enumerate(img_shapes):
-        frame = torch.full((f,), -1.0) if layered and idx == last else torch.arange(idx, idx + f, dtype=torch.float32)
+        first_layer = layered and idx == last
+        frame = torch.full((f,), -1.0) if first_layer else torch.arange(idx, idx + f, dtype=torch.float32)
         grid = torch.stack(torch.meshgrid(frame, _centred(h), _centred(w), indexing="ij"), dim=-1)
         parts.append(grid.reshape(-1, 3))
         max_vid = max(max_vid, h // 2, w // 2)
+        largest = max(largest, 1 if first_layer else idx + f - 1, h - h // 2, w - w // 2)
     if layered:
         max_vid = max(max_vid, last)
+    if text_len:
+        largest = max(largest, max_vid + text_len - 1)
+    if largest >= ROPE_TABLE:
+        raise ValueError(f"RoPE position beyond the ±{ROPE_TABLE} table of the released model")
     txt = (max_vid + torch.arange(text_len, dtype=torch.float32))[:, None].expand(text_len, 3)
     return torch.cat(parts, dim=0), txt
 
 
 def rope_cos_sin(pos: torch.Tensor, axes_dims: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin ``(L, head_dim/2)``: per axis ``pos·θ^(−2j/axis_dim)``, axes concatenated."""
-    if pos.numel() and pos.abs().max().item() >= ROPE_TABLE:
-        raise ValueError(f"RoPE position beyond the ±{ROPE_TABLE} table of the released model")
     angles = torch.cat([pos[:, a : a + 1] * _axis_freqs(d)[None] for a, d in enumerate(axes_dims)], dim=-1).to(device)
     return torch.cos(angles), torch.sin(angles)
 

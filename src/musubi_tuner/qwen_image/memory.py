@@ -1,0 +1,256 @@
+"""Qwen-Image hooks of the memory estimator (``musubi_tuner.memory.hooks``; docs/memory.md).
+
+The training batch is the layout ``CachedDataset.load_batch`` yields for Qwen-Image caches: ``latents``
+``(B, 16, F, h, w)`` (F = 1; Layered: the composite and each layer, multiple targets), ``latents_control_{i}``
+``(B, 16, 1, hi, wi)`` per control image (Edit, Layered) and ``vl_embed`` as a per-item list of ``(L_i, 3584)``
+(variable-length ``varlen_vl_embed``, padded with a key mask in the step). Sizes and dtypes come from the cache headers.
+
+The text key mask needs data (``bool(mask.all())``): the traced step calls the DiT without it. The mask is KB-sized and
+picks the same SDPA kernel class, so the estimate is unchanged by it (spec §11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+import torch
+
+from musubi_tuner.dataset.cache_format import batch_key, read_header
+from musubi_tuner.memory.hooks import StepShape
+from musubi_tuner.qwen_image.caching import TE_KEY
+from musubi_tuner.qwen_image.configs import DEFAULT_MAX_SEQUENCE_LENGTH, LATENT_CHANNELS, PATCH_SIZE, VAE_SCALE, version_names
+from musubi_tuner.utils.errors import UserError
+
+_CONTROL = re.compile(r"^latents_control_(\d+)$")
+_MASK_NOTE = "text key mask traced as absent (KB-sized; spec §11)"
+
+
+class _MaskFreeDiT:
+    """The DiT as the traced step sees it: called without ``encoder_hidden_states_mask`` (third argument), whose
+    ``bool(mask.all())`` needs data. Attribute reads go to the DiT."""
+
+    def __init__(self, dit: torch.nn.Module):
+        self._dit = dit
+
+    def __call__(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, *args: Any, **kwargs: Any):
+        return self._dit(hidden_states, encoder_hidden_states, None, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dit, name)
+
+
+class QwenImageMemoryHooks:
+    """``ArchMemoryHooks`` for Qwen-Image (original, edit, edit-2509/2511, layered)."""
+
+    name = "qwen_image"
+    train_script = "musubi_tuner.qwen_image_train_network:main"
+    generate_script = "musubi_tuner.qwen_image_generate_image:main"
+
+    def detect(self, argv: list[str]) -> bool:
+        """``--model_version`` naming a Qwen-Image version, or the legacy ``--edit`` / ``--edit_plus`` (``original`` is
+        the default: pass ``--arch qwen_image`` without them)."""
+        names = set(version_names())
+        for i, a in enumerate(argv):
+            if a in ("--edit", "--edit_plus"):
+                return True
+            value = a.split("=", 1)[1] if a.startswith("--model_version=") else None
+            if a == "--model_version" and i + 1 < len(argv):
+                value = argv[i + 1]
+            if value in names:
+                return True
+        return False
+
+    def step_shape(self, args: argparse.Namespace, trainer: Any, train_group: Any) -> StepShape:
+        """The largest step (B · target and control tokens) over the training datasets, with the longest caption of
+        that dataset (text length is per item; the batch pads to its longest)."""
+        best = None
+        buckets = set()
+        for ds in train_group.datasets:
+            for item in ds.items:
+                if item.latent_shape is None:
+                    continue
+                entries, _ = read_header(item.latent_path)
+                controls = sorted(
+                    (int(m.group(1)), tuple(int(s) for s in e["shape"]), e["dtype"])
+                    for k, e in entries.items()
+                    if (m := _CONTROL.match(batch_key(k)[0]))
+                )
+                shape = tuple(int(s) for s in item.latent_shape)
+                buckets.add((shape, tuple(c[1] for c in controls)))
+                size = ds.batch_size * (_numel(shape[1:]) + sum(_numel(c[1][1:]) for c in controls))
+                if best is None or size > best[0]:
+                    best = (size, ds, item, entries, controls)
+        if best is None:
+            raise UserError(f"{args.dataset_config}: no cached latents found; run qwen_image_cache_latents.py first")
+        _, ds, item, entries, controls = best
+        text_len, text_dim, text_dtype = 0, 0, "float32"
+        for other in ds.items:
+            te, _ = read_header(other.te_path)
+            e = _entry(te, TE_KEY)
+            if e is None:
+                raise UserError(
+                    f"{other.te_path}: no Qwen-Image text embeddings (varlen_{TE_KEY}); run qwen_image_cache_text_encoder_outputs.py"
+                )
+            if int(e["shape"][-2]) > text_len:
+                text_len, text_dim, text_dtype = int(e["shape"][-2]), int(e["shape"][-1]), e["dtype"]
+        latent = _entry(entries, "latents")
+        details = {
+            "latent_dtype": latent["dtype"] if latent else "float32",
+            "controls": [list(c[1]) for c in controls],
+            "control_dtypes": [c[2] for c in controls],
+            "text_dim": text_dim,
+            "text_dtype": text_dtype,
+        }
+        return StepShape(
+            batch=ds.batch_size,
+            latent=tuple(int(s) for s in item.latent_shape),
+            text_len=text_len,
+            buckets=len(buckets),
+            details=details,
+        )
+
+    def make_fake_batch(self, args: argparse.Namespace, shape: StepShape) -> dict[str, Any]:
+        d = shape.details
+        b = shape.batch
+        batch: dict[str, Any] = {
+            "latents": torch.empty(b, *shape.latent, dtype=_torch_dtype(d["latent_dtype"])),
+            TE_KEY: [torch.empty(shape.text_len, d["text_dim"], dtype=_torch_dtype(d["text_dtype"])) for _ in range(b)],
+        }
+        for i, (c, dtype) in enumerate(zip(d["controls"], d["control_dtypes"])):
+            batch[f"latents_control_{i}"] = torch.empty(b, *c, dtype=_torch_dtype(dtype))
+        return batch
+
+    def prepare_trace(self, trainer: Any, transformer: Any) -> tuple[Any, list[str]]:
+        return _MaskFreeDiT(transformer), [_MASK_NOTE]
+
+    def attention_dims(self, transformer: Any, shape: StepShape) -> tuple[int, int, int]:
+        cfg = transformer.config
+        image = _tokens(shape.latent) + sum(_tokens(c) for c in shape.details.get("controls", []))
+        return int(cfg["num_attention_heads"]), int(cfg["attention_head_dim"]), image + shape.text_len
+
+    def frame_choices(self, shape: StepShape) -> list[int]:
+        return []  # images (Layered's frames are its layers, fixed by the dataset)
+
+
+def _numel(shape: tuple[int, ...] | list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _tokens(latent: tuple[int, ...] | list[int]) -> int:
+    """Packed tokens of a latent ``(C, F, h, w)``: ``F · h/2 · w/2``."""
+    _, f, h, w = latent
+    return int(f) * (int(h) // PATCH_SIZE) * (int(w) // PATCH_SIZE)
+
+
+def _entry(entries: dict[str, dict], name: str) -> dict | None:
+    for key, e in entries.items():
+        if batch_key(key)[0] == name:
+            return e
+    return None
+
+
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, _DTYPES.get(name, name))
+
+
+MEMORY_HOOKS = QwenImageMemoryHooks()
+
+
+def estimate_qwen_image_generation(args: argparse.Namespace) -> dict[str, Any]:
+    """``qwen_image_generate_image.py --estimate_memory``: the generation estimate for parsed, validated arguments.
+
+    Control images count at the size they will be encoded at (their header size, ``control_size``). The prompt's
+    length is not known before Qwen2.5-VL runs: the text is counted at its cap (512 tokens), an upper bound.
+    """
+    from PIL import Image
+
+    from blissful_tuner.generation_loop import load_jobs
+    from musubi_tuner.memory.generation import GenerationPlan, estimate_generation, weights_bytes
+    from musubi_tuner.memory.run import resolve_gpu_total
+    from musubi_tuner.qwen_image.configs import PIXEL_STEP
+    from musubi_tuner.qwen_image.generate.images import control_size
+    from musubi_tuner.qwen_image.generate.plan import FIELD_MAP, controls_of, validate_job
+    from musubi_tuner.qwen_image.models.loading import load_dit
+    from musubi_tuner.qwen_image.packing import img_shapes_for
+    from musubi_tuner.utils.dtypes import parse_dtype
+
+    version = args.version
+    jobs = load_jobs(args, field_map=FIELD_MAP, size_multiple=PIXEL_STEP, validate=validate_job)
+    sizes = set()
+    cfg_used = False
+    for job in jobs:
+        a = job.args
+        out_wh = (int(a.width), int(a.height))
+        blend = bool(a.mask_path) or a.rcm_threshold is not None
+        controls = []
+        for i, path in enumerate(controls_of(job)):
+            with Image.open(path) as img:  # reads the header: the size only
+                exact = a.resize_control_to_image_size or version.is_layered or (i == 0 and blend)
+                cw, ch = control_size(img.size, out_wh, to_image_size=exact, to_official=a.resize_control_to_official_size)
+            controls.append((ch // VAE_SCALE, cw // VAE_SCALE))
+        frames = int(a.output_layers) + 1 if version.is_layered else 1
+        sizes.add((frames, (int(a.height) // VAE_SCALE, int(a.width) // VAE_SCALE), tuple(controls)))
+        cfg_used = cfg_used or float(a.guidance_scale) > 1.0
+    shapes = sorted(sizes, key=lambda s: s[0] * _numel(s[1]) + sum(_numel(c) for c in s[2]))
+    text_len = DEFAULT_MAX_SEQUENCE_LENGTH
+    notes = [f"prompt length unknown before the text encoder runs: text counted at its {text_len}-token cap (upper bound)"]
+    if args.lora_weight:
+        notes.append("--lora_weight: LoRAs are merged on load and add no memory; they are not read")
+    notes.append("VAE encode / decode activations are not modelled (weights only)")
+    if args.fp8_vl:
+        notes.append("--fp8_vl: text encoder weights estimated at half their bf16 file size")
+    dtype = parse_dtype(args.dit_dtype, torch.bfloat16, flag="--dit_dtype")
+
+    def build() -> torch.nn.Module:
+        return load_dit(
+            version, args.dit, device="cpu", dtype=dtype, fp8_base=args.fp8, fp8_scaled=args.fp8_scaled, num_layers=args.num_layers
+        )
+
+    def inputs_for(shape):
+        frames, (h, w), controls = shape
+
+        def make(dit: torch.nn.Module) -> dict[str, Any]:
+            img_shapes = img_shapes_for((h, w), frames, list(controls))
+            tokens = sum(f * gh * gw for f, gh, gw in img_shapes)
+            return {
+                "hidden_states": torch.empty(1, tokens, dit.config["in_channels"], dtype=dit.compute_dtype),
+                "encoder_hidden_states": torch.empty(1, text_len, dit.config["joint_attention_dim"], dtype=dit.compute_dtype),
+                "encoder_hidden_states_mask": None,  # one prompt: all tokens real, the model skips the mask
+                "timestep": torch.empty(1),
+                "img_shapes": img_shapes,
+                "additional_t_cond": torch.zeros(1, dtype=torch.long) if version.is_layered else None,
+            }
+
+        return make
+
+    te = weights_bytes(args.text_encoder)
+    if args.fp8_vl:
+        te = te // 2
+    vae = weights_bytes(args.vae) if args.vae else 0
+    # on the device per step (the latent itself stays on the host): the prediction in fp32, and with true CFG the
+    # negative prediction and their combination
+    state = [(1 + 2 * int(cfg_used)) * LATENT_CHANNELS * s[0] * _numel(s[1]) * 4 for s in shapes]
+    gpu_total, gpu_name = resolve_gpu_total(args)
+    bf, (bh, bw), bcontrols = shapes[-1]
+    plan = GenerationPlan(
+        title=f"qwen_image {version.name} generation — latent {bf}x{bh}x{bw}"
+        + (f" + {len(bcontrols)} control(s)" if bcontrols else "")
+        + f" — GPU {gpu_name}",
+        build_dit=build,
+        dit_inputs=[inputs_for(s) for s in shapes],
+        call_dit=lambda dit, kw: dit(**kw),
+        sampler_state=state,
+        blocks_to_swap=int(args.blocks_to_swap or 0),
+        text_encoders={"text encoder": (te, not args.text_encoder_cpu)},
+        vae=vae,
+        notes=notes,
+    )
+    return estimate_generation(args, plan, gpu_total, gpu_name, "qwen_image")
