@@ -13,6 +13,7 @@ from pathlib import Path
 import flux2_medium
 import k5_medium
 import pytest
+import qwen_medium
 import torch
 import torch.nn as nn
 import wan_medium
@@ -37,11 +38,11 @@ def small_checkpoints(tmp_path_factory) -> dict[bool, Path]:
 
 @pytest.fixture(scope="module")
 def medium_checkpoints(tmp_path_factory) -> dict[tuple[str, bool], Path]:
-    """The FLUX.2 and Wan medium configs as bf16 and pre-quantised fp8 files, keyed by (module name, fp8)."""
+    """The FLUX.2, Wan and Qwen-Image medium configs as bf16 and pre-quantised fp8 files, keyed by (module name, fp8)."""
     d = tmp_path_factory.mktemp("medium")
     return {
         (m.__name__, fp8): m.write_checkpoint(d / f"{m.__name__}_{fp8}.safetensors", fp8=fp8)
-        for m in (flux2_medium, wan_medium)
+        for m in (flux2_medium, wan_medium, qwen_medium)
         for fp8 in (False, True)
     }
 
@@ -105,6 +106,9 @@ CONFIGS = {
     "flux_2-fp8-GC": dict(arch=flux2_medium, fp8=True, dtype=torch.float32, gc=True, autocast=False, latent=flux2_medium.LATENT),
     "wan-fp32-noGC": dict(arch=wan_medium, fp8=False, dtype=torch.float32, gc=False, autocast=False, latent=wan_medium.LATENT),
     "wan-fp8-GC": dict(arch=wan_medium, fp8=True, dtype=torch.float32, gc=True, autocast=False, latent=wan_medium.LATENT),
+    "qwen_image-fp32-noGC": dict(
+        arch=qwen_medium, fp8=False, dtype=torch.float32, gc=False, autocast=False, latent=qwen_medium.LATENT
+    ),
 }
 
 
