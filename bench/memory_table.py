@@ -1,14 +1,15 @@
 """Real-size memory estimates for docs/memory.md (the table between the ``memory-table`` markers), and the speed of a
 real-size estimate (specs/memory_estimator.md §10 test 7).
 
-Usage: python bench/memory_table.py [--write docs/memory.md] [--rows lite|all] [--arch kandinsky5|flux_2|wan]
+Usage: python bench/memory_table.py [--write docs/memory.md] [--rows lite|all] [--arch kandinsky5|flux_2|wan|qwen_image]
 
 No weights are needed: for each variant a *sparse* safetensors file is written whose header declares the official
 checkpoint's keys, shapes and dtypes (bf16) and whose data region is a hole (no disk space, never read). The estimator
 reads only that header — exactly what it reads of a real checkpoint — and traces the trainer's step on fake tensors.
 The step shape is given directly (no dataset), batch 1, LoRA rank 32 on the default targets, AdamW: Kandinsky 5 512x512
 px, 61 frames (latent 16x16x64x64, 16 384 tokens), 256 text tokens; FLUX.2 1024x1024 px (4096 image tokens), 512 text
-tokens, no reference image; Wan 832x480 px, 81 frames (latent 16x21x60x104, 32 760 tokens), 256 text tokens.
+tokens, no reference image; Wan 832x480 px, 81 frames (latent 16x21x60x104, 32 760 tokens), 256 text tokens;
+Qwen-Image 1024x1024 px (4096 image tokens; Edit-2509 + one 1024x1024 control: 8192), 256 text tokens.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ ROWS = [
     ("t2v-1.3B", "Wan 2.1 T2V 1.3B, GC, bf16 autocast", Settings(mixed_precision="bf16", gradient_checkpointing=True)),
     ("t2v-14B", "Wan 2.1 T2V 14B, GC + fp8", GC_FP8),
     ("t2v-14B", "Wan 2.1 T2V 14B, GC + fp8 + swap 20", replace(GC_FP8, blocks_to_swap=20)),
+    ("qi:original", "Qwen-Image, GC + fp8", GC_FP8),
+    ("qi:original", "Qwen-Image, GC + fp8 + swap 16", replace(GC_FP8, blocks_to_swap=16)),
+    ("qi:edit-2509", "Qwen-Image Edit-2509 + 1 control, GC + fp8", GC_FP8),
 ]
 SIZES = (24, 48, 80)
 LATENT = (16, 16, 64, 64)
@@ -55,6 +59,8 @@ TEXT_LEN = 256
 
 
 def arch_of(task: str) -> str:
+    if task.startswith("qi:"):  # Qwen-Image model versions ("original", "edit-2509") get a prefix: names are not unique
+        return "qwen_image"
     if task.startswith("k5-"):
         return "kandinsky5"
     return "flux_2" if task in ("dev",) or task.startswith("klein") else "wan"
@@ -74,6 +80,11 @@ def _meta_model(task: str) -> torch.nn.Module:
             from musubi_tuner.flux_2.models.dit import Flux2
 
             return Flux2(**dit_params_for(task))
+        if arch == "qwen_image":
+            from musubi_tuner.qwen_image.configs import dit_params_for
+            from musubi_tuner.qwen_image.models.dit import QwenImageTransformer
+
+            return QwenImageTransformer(**dit_params_for(task[3:]))
         from musubi_tuner.wan.configs import dit_params_for, get_task_config
         from musubi_tuner.wan.models.dit import WanModel
 
@@ -95,6 +106,11 @@ def _trainer_and_args(task: str, dit: Path, tmp: str):
         from musubi_tuner.flux_2_train_network import setup_parser
 
         argv = ["--model_version", task, "--network_module", "networks.lora_flux_2", *common]
+    elif arch == "qwen_image":
+        from musubi_tuner.qwen_image_train_network import QwenImageNetworkTrainer as Trainer
+        from musubi_tuner.qwen_image_train_network import setup_parser
+
+        argv = ["--model_version", task[3:], "--network_module", "networks.lora_qwen_image", *common]
     else:
         from musubi_tuner.wan_train_network import WanNetworkTrainer as Trainer
         from musubi_tuner.wan_train_network import setup_parser
@@ -117,6 +133,11 @@ def _step_shape(task: str) -> StepShape:
         ctx = get_model_version(task).context_in_dim
         details = {"latent_dtype": "F32", "references": [], "reference_dtypes": [], "text_dim": ctx, "text_dtype": "BF16"}
         return StepShape(batch=1, latent=(128, 64, 64), text_len=512, details=details)
+    if arch == "qwen_image":
+        controls = [[16, 1, 128, 128]] if task == "qi:edit-2509" else []
+        details = {"latent_dtype": "BF16", "controls": controls, "control_dtypes": ["BF16"] * len(controls),
+                   "text_dim": 3584, "text_dtype": "F32"}  # fmt: skip
+        return StepShape(batch=1, latent=(16, 1, 128, 128), text_len=TEXT_LEN, details=details)
     details = {"latent_dtype": "BF16", "text_dim": 4096, "text_dtype": "BF16"}
     return StepShape(batch=1, latent=(16, 21, 60, 104), text_len=TEXT_LEN, details=details)
 
@@ -185,7 +206,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, default=None, help="replace the table between the memory-table markers")
     parser.add_argument("--rows", choices=("lite", "all"), default="all")
-    parser.add_argument("--arch", choices=("kandinsky5", "flux_2", "wan"), default=None, help="only this architecture's rows")
+    parser.add_argument(
+        "--arch", choices=("kandinsky5", "flux_2", "wan", "qwen_image"), default=None, help="only this architecture's rows"
+    )
     args = parser.parse_args()
     rows = [r for r in ROWS if (args.rows == "all" or "lite" in r[0]) and (args.arch is None or arch_of(r[0]) == args.arch)]
     result = estimate_rows(rows)
