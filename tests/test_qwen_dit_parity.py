@@ -131,6 +131,15 @@ def test_rope_positions_check_values():
     assert txt[0, 0].item() == 3  # max(max_vid_index 1, number of images − 1 = 3)
 
 
+def test_rope_positions_refuse_positions_beyond_the_table():
+    """The ±4096 table bound, checked from the shapes alone (fake-tensor traces run this too)."""
+    img, txt = rope_positions([(1, 2, 2)], 4095)  # text from max_vid 1: the last position is 4095, inside the table
+    assert max(img.abs().max().item(), txt.abs().max().item()) == 4095
+    for shapes, text_len in (([(1, 2, 2)], 4096), ([(1, 8192, 2)], 1)):  # text reaches 4096; rows reach −4096
+        with pytest.raises(ValueError, match="RoPE position beyond"):
+            rope_positions(shapes, text_len)
+
+
 def test_full_size_params_match_the_spec():
     params = dit_params_for("original")
     with torch.device("meta"):
