@@ -362,6 +362,12 @@ def test_sharding_config_from_accelerate_env():
             "ACCELERATE_USE_CPU=true (use_cpu)",
         ),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, {}, False, "fsdp_offload_params"),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+            {"offload_dit_during_sampling": True},
+            False,
+            "--offload_dit_during_sampling cannot be combined with FSDP sharding",
+        ),
     ],
 )
 def test_sharding_that_cannot_engage_is_an_error(env, args, cuda, message):

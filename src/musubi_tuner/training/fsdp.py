@@ -90,6 +90,11 @@ def check_sharding_request(
         raise UserError(
             "block swap options cannot be combined with FSDP sharding (drop --block_swap_h2d_only / --use_pinned_memory_for_block_swap)"
         )
+    if getattr(args, "offload_dit_during_sampling", False):
+        raise UserError(
+            "--offload_dit_during_sampling cannot be combined with FSDP sharding: each process holds only its shard of "
+            "the DiT, which stays in place while samples are decoded; drop the option"
+        )
     if config.offload_params and not cuda_available:
         raise UserError(
             "fsdp_offload_params: true offloads sharded parameters from the GPU to the host; without CUDA the "
