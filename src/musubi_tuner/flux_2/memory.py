@@ -16,6 +16,7 @@ import torch
 
 from musubi_tuner.dataset.cache_format import batch_key, read_header
 from musubi_tuner.flux_2.configs import TEXT_MAX_LENGTH, model_version_names
+from musubi_tuner.memory.cache_headers import cache_entry, numel, torch_dtype
 from musubi_tuner.memory.hooks import StepShape
 from musubi_tuner.utils.errors import UserError
 
@@ -57,7 +58,7 @@ class Flux2MemoryHooks:
                 )
                 shape = tuple(int(s) for s in item.latent_shape)
                 buckets.add((shape, tuple(r[1] for r in refs)))
-                tokens = _numel(shape[-2:]) + sum(_numel(r[1][-2:]) for r in refs)
+                tokens = numel(shape[-2:]) + sum(numel(r[1][-2:]) for r in refs)
                 size = ds.batch_size * tokens
                 if best is None or size > best[0]:
                     best = (size, ds, item, entries, refs)
@@ -65,11 +66,11 @@ class Flux2MemoryHooks:
             raise UserError(f"{args.dataset_config}: no cached latents found; run flux_2_cache_latents.py first")
         _, ds, item, entries, refs = best
         te, _ = read_header(item.te_path)
-        ctx = _entry(te, "ctx_vec")
+        ctx = cache_entry(te, "ctx_vec")
         if ctx is None:
             raise UserError(f"{item.te_path}: no FLUX.2 text embeddings (ctx_vec); run flux_2_cache_text_encoder_outputs.py")
         details = {
-            "latent_dtype": _entry(entries, "latents")["dtype"] if _entry(entries, "latents") else "float32",
+            "latent_dtype": cache_entry(entries, "latents")["dtype"] if cache_entry(entries, "latents") else "float32",
             "references": [list(r[1]) for r in refs],
             "reference_dtypes": [r[2] for r in refs],
             "text_dim": int(ctx["shape"][-1]),
@@ -87,11 +88,11 @@ class Flux2MemoryHooks:
         d = shape.details
         b = shape.batch
         batch: dict[str, Any] = {
-            "latents": torch.empty(b, *shape.latent, dtype=_torch_dtype(d["latent_dtype"])),
-            "ctx_vec": torch.empty(b, shape.text_len, d["text_dim"], dtype=_torch_dtype(d["text_dtype"])),
+            "latents": torch.empty(b, *shape.latent, dtype=torch_dtype(d["latent_dtype"])),
+            "ctx_vec": torch.empty(b, shape.text_len, d["text_dim"], dtype=torch_dtype(d["text_dtype"])),
         }
         for i, (ref, dtype) in enumerate(zip(d["references"], d["reference_dtypes"])):
-            batch[f"latents_control_{i}"] = torch.empty(b, *ref, dtype=_torch_dtype(dtype))
+            batch[f"latents_control_{i}"] = torch.empty(b, *ref, dtype=torch_dtype(dtype))
         return batch
 
     def prepare_trace(self, trainer: Any, transformer: Any) -> tuple[Any, list[str]]:
@@ -100,32 +101,11 @@ class Flux2MemoryHooks:
     def attention_dims(self, transformer: Any, shape: StepShape) -> tuple[int, int, int]:
         cfg = transformer.config
         heads = int(cfg["num_heads"])
-        image = _numel(shape.latent[-2:]) + sum(_numel(r[-2:]) for r in shape.details.get("references", []))
+        image = numel(shape.latent[-2:]) + sum(numel(r[-2:]) for r in shape.details.get("references", []))
         return heads, int(cfg["hidden_size"]) // heads, image + shape.text_len
 
     def frame_choices(self, shape: StepShape) -> list[int]:
         return []  # images: no frame axis to sweep
-
-
-def _numel(shape: tuple[int, ...] | list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _entry(entries: dict[str, dict], name: str) -> dict | None:
-    for key, e in entries.items():
-        if batch_key(key)[0] == name:
-            return e
-    return None
-
-
-_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, _DTYPES.get(name, name))
 
 
 MEMORY_HOOKS = Flux2MemoryHooks()
@@ -160,7 +140,7 @@ def estimate_flux2_generation(args: argparse.Namespace) -> dict[str, Any]:
                 rw, rh = reference_size(img.size, (int(a.width), int(a.height)), not a.no_resize_control)
             refs.append((rh // 16, rw // 16))
         sizes.add(((h, w), tuple(refs)))
-    shapes = sorted(sizes, key=lambda s: _numel(s[0]) + sum(_numel(r) for r in s[1]))
+    shapes = sorted(sizes, key=lambda s: numel(s[0]) + sum(numel(r) for r in s[1]))
     notes = ["--lora_weight: LoRAs are merged on load and add no memory; they are not read"] if args.lora_weight else []
     notes.append("VAE encode / decode activations are not modelled (weights only)")
     if args.fp8_text_encoder:
@@ -192,7 +172,7 @@ def estimate_flux2_generation(args: argparse.Namespace) -> dict[str, Any]:
         te = te // 2
     vae = weights_bytes(args.vae) if args.vae else 0
     # x, noise and the velocity in fp32; true CFG (klein base) keeps a second velocity
-    state = [(3 + int(version.uses_cfg)) * LATENT_CHANNELS * _numel(s[0]) * 4 for s in shapes]
+    state = [(3 + int(version.uses_cfg)) * LATENT_CHANNELS * numel(s[0]) * 4 for s in shapes]
     gpu_total, gpu_name = resolve_gpu_total(args)
     (bh, bw), brefs = shapes[-1]
     plan = GenerationPlan(

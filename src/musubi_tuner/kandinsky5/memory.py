@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.dataset.cache_format import batch_key, read_header
+from musubi_tuner.dataset.cache_format import read_header
 from musubi_tuner.kandinsky5.configs import task_names
+from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
 from musubi_tuner.memory.hooks import StepShape
 from musubi_tuner.utils.errors import UserError
 
@@ -61,23 +62,23 @@ class Kandinsky5MemoryHooks:
                 if item.latent_shape is None:
                     continue
                 buckets.add(tuple(item.latent_shape))
-                size = ds.batch_size * _numel(item.latent_shape)
+                size = ds.batch_size * numel(item.latent_shape)
                 if best is None or size > best[0]:
                     best = (size, ds, item)
         if best is None:
             raise UserError(f"{args.dataset_config}: no cached latents found; run kandinsky5_cache_latents.py first")
         _, ds, item = best
         latent_entries, _ = read_header(item.latent_path)
-        details: dict[str, Any] = {"latent_dtype": _dtype(latent_entries, "latents")}
+        details: dict[str, Any] = {"latent_dtype": cache_dtype(latent_entries, "latents")}
         for key in ("latents_image", "latents_control_0", "latents_control"):
-            if _entry(latent_entries, key) is not None:
-                details[key] = list(_entry(latent_entries, key)["shape"])
-                details[key + "_dtype"] = _dtype(latent_entries, key)
+            if cache_entry(latent_entries, key) is not None:
+                details[key] = list(cache_entry(latent_entries, key)["shape"])
+                details[key + "_dtype"] = cache_dtype(latent_entries, key)
         text_len, text_dim, pooled_dim, text_dtype = 0, 0, 0, "bfloat16"
         for other in ds.items:  # the longest caption of the dataset (text length is per item)
             entries, _ = read_header(other.te_path)
-            e = _entry(entries, "text_embeds")
-            p = _entry(entries, "pooled_embed")
+            e = cache_entry(entries, "text_embeds")
+            p = cache_entry(entries, "pooled_embed")
             if e is None or p is None:
                 raise UserError(f"{other.te_path}: no Kandinsky 5 text embeddings; run kandinsky5_cache_text_encoder_outputs.py")
             shape = e["shape"][-2:]
@@ -98,16 +99,16 @@ class Kandinsky5MemoryHooks:
         b = shape.batch
         c, f, h, w = shape.latent
         batch: dict[str, Any] = {
-            "latents": torch.empty(b, c, f, h, w, dtype=_torch_dtype(d["latent_dtype"])),
-            "text_embeds": [torch.empty(shape.text_len, d["text_dim"], dtype=_torch_dtype(d["text_dtype"])) for _ in range(b)],
-            "pooled_embed": [torch.empty(d["pooled_dim"], dtype=_torch_dtype(d["text_dtype"])) for _ in range(b)],
+            "latents": torch.empty(b, c, f, h, w, dtype=torch_dtype(d["latent_dtype"])),
+            "text_embeds": [torch.empty(shape.text_len, d["text_dim"], dtype=torch_dtype(d["text_dtype"])) for _ in range(b)],
+            "pooled_embed": [torch.empty(d["pooled_dim"], dtype=torch_dtype(d["text_dtype"])) for _ in range(b)],
         }
         if "latents_image" in d:
             ic, ifr = d["latents_image"][0], d["latents_image"][1]
-            batch["latents_image"] = torch.empty(b, ic, ifr, h, w, dtype=_torch_dtype(d["latents_image_dtype"]))
+            batch["latents_image"] = torch.empty(b, ic, ifr, h, w, dtype=torch_dtype(d["latents_image_dtype"]))
         for key in ("latents_control_0", "latents_control"):
             if key in d:
-                batch[key] = torch.empty(b, c, f, h, w, dtype=_torch_dtype(d[key + "_dtype"]))
+                batch[key] = torch.empty(b, c, f, h, w, dtype=torch_dtype(d[key + "_dtype"]))
         return batch
 
     def prepare_trace(self, trainer: Any, transformer: Any) -> tuple[Any, list[str]]:
@@ -129,32 +130,6 @@ class Kandinsky5MemoryHooks:
         if shape.frames <= 1:
             return []  # image task / image dataset
         return list(range(1, MAX_LATENT_FRAMES + 1))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _entry(entries: dict[str, dict], name: str) -> dict | None:
-    for key, e in entries.items():
-        if batch_key(key)[0] == name:
-            return e
-    return None
-
-
-_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-def _dtype(entries: dict[str, dict], name: str) -> str:
-    e = _entry(entries, name)
-    return e["dtype"] if e is not None else "float32"
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, _DTYPES.get(name, name))
 
 
 MEMORY_HOOKS = Kandinsky5MemoryHooks()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from musubi_tuner.dataset.cache_format import batch_key, read_header
+from musubi_tuner.memory.cache_headers import cache_entry, numel, torch_dtype
 from musubi_tuner.memory.hooks import StepShape
 from musubi_tuner.qwen_image.caching import TE_KEY
 from musubi_tuner.qwen_image.configs import DEFAULT_MAX_SEQUENCE_LENGTH, LATENT_CHANNELS, PATCH_SIZE, VAE_SCALE, version_names
@@ -79,7 +80,7 @@ class QwenImageMemoryHooks:
                 )
                 shape = tuple(int(s) for s in item.latent_shape)
                 buckets.add((shape, tuple(c[1] for c in controls)))
-                size = ds.batch_size * (_numel(shape[1:]) + sum(_numel(c[1][1:]) for c in controls))
+                size = ds.batch_size * (numel(shape[1:]) + sum(numel(c[1][1:]) for c in controls))
                 if best is None or size > best[0]:
                     best = (size, ds, item, entries, controls)
         if best is None:
@@ -88,14 +89,14 @@ class QwenImageMemoryHooks:
         text_len, text_dim, text_dtype = 0, 0, "float32"
         for other in ds.items:
             te, _ = read_header(other.te_path)
-            e = _entry(te, TE_KEY)
+            e = cache_entry(te, TE_KEY)
             if e is None:
                 raise UserError(
                     f"{other.te_path}: no Qwen-Image text embeddings (varlen_{TE_KEY}); run qwen_image_cache_text_encoder_outputs.py"
                 )
             if int(e["shape"][-2]) > text_len:
                 text_len, text_dim, text_dtype = int(e["shape"][-2]), int(e["shape"][-1]), e["dtype"]
-        latent = _entry(entries, "latents")
+        latent = cache_entry(entries, "latents")
         details = {
             "latent_dtype": latent["dtype"] if latent else "float32",
             "controls": [list(c[1]) for c in controls],
@@ -115,11 +116,11 @@ class QwenImageMemoryHooks:
         d = shape.details
         b = shape.batch
         batch: dict[str, Any] = {
-            "latents": torch.empty(b, *shape.latent, dtype=_torch_dtype(d["latent_dtype"])),
-            TE_KEY: [torch.empty(shape.text_len, d["text_dim"], dtype=_torch_dtype(d["text_dtype"])) for _ in range(b)],
+            "latents": torch.empty(b, *shape.latent, dtype=torch_dtype(d["latent_dtype"])),
+            TE_KEY: [torch.empty(shape.text_len, d["text_dim"], dtype=torch_dtype(d["text_dtype"])) for _ in range(b)],
         }
         for i, (c, dtype) in enumerate(zip(d["controls"], d["control_dtypes"])):
-            batch[f"latents_control_{i}"] = torch.empty(b, *c, dtype=_torch_dtype(dtype))
+            batch[f"latents_control_{i}"] = torch.empty(b, *c, dtype=torch_dtype(dtype))
         return batch
 
     def prepare_trace(self, trainer: Any, transformer: Any) -> tuple[Any, list[str]]:
@@ -134,31 +135,10 @@ class QwenImageMemoryHooks:
         return []  # images (Layered's frames are its layers, fixed by the dataset)
 
 
-def _numel(shape: tuple[int, ...] | list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def _tokens(latent: tuple[int, ...] | list[int]) -> int:
     """Packed tokens of a latent ``(C, F, h, w)``: ``F · h/2 · w/2``."""
     _, f, h, w = latent
     return int(f) * (int(h) // PATCH_SIZE) * (int(w) // PATCH_SIZE)
-
-
-def _entry(entries: dict[str, dict], name: str) -> dict | None:
-    for key, e in entries.items():
-        if batch_key(key)[0] == name:
-            return e
-    return None
-
-
-_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, _DTYPES.get(name, name))
 
 
 MEMORY_HOOKS = QwenImageMemoryHooks()
@@ -199,7 +179,7 @@ def estimate_qwen_image_generation(args: argparse.Namespace) -> dict[str, Any]:
         frames = int(a.output_layers) + 1 if version.is_layered else 1
         sizes.add((frames, (int(a.height) // VAE_SCALE, int(a.width) // VAE_SCALE), tuple(controls)))
         cfg_used = cfg_used or float(a.guidance_scale) > 1.0
-    shapes = sorted(sizes, key=lambda s: s[0] * _numel(s[1]) + sum(_numel(c) for c in s[2]))
+    shapes = sorted(sizes, key=lambda s: s[0] * numel(s[1]) + sum(numel(c) for c in s[2]))
     text_len = DEFAULT_MAX_SEQUENCE_LENGTH
     notes = [f"prompt length unknown before the text encoder runs: text counted at its {text_len}-token cap (upper bound)"]
     if args.lora_weight:
@@ -237,7 +217,7 @@ def estimate_qwen_image_generation(args: argparse.Namespace) -> dict[str, Any]:
     vae = weights_bytes(args.vae) if args.vae else 0
     # on the device per step (the latent itself stays on the host): the prediction in fp32, and with true CFG the
     # negative prediction and their combination
-    state = [(1 + 2 * int(cfg_used)) * LATENT_CHANNELS * s[0] * _numel(s[1]) * 4 for s in shapes]
+    state = [(1 + 2 * int(cfg_used)) * LATENT_CHANNELS * s[0] * numel(s[1]) * 4 for s in shapes]
     gpu_total, gpu_name = resolve_gpu_total(args)
     bf, (bh, bw), bcontrols = shapes[-1]
     plan = GenerationPlan(

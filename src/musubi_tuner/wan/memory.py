@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.dataset.cache_format import batch_key, read_header
+from musubi_tuner.dataset.cache_format import read_header
+from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
 from musubi_tuner.memory.hooks import StepShape
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.wan.configs import task_names
@@ -66,23 +67,23 @@ class WanMemoryHooks:
                 if item.latent_shape is None:
                     continue
                 buckets.add(tuple(item.latent_shape))
-                size = ds.batch_size * _numel(item.latent_shape)
+                size = ds.batch_size * numel(item.latent_shape)
                 if best is None or size > best[0]:
                     best = (size, ds, item)
         if best is None:
             raise UserError(f"{args.dataset_config}: no cached latents found; run wan_cache_latents.py first")
         _, ds, item = best
         entries, _ = read_header(item.latent_path)
-        details: dict[str, Any] = {"latent_dtype": _dtype(entries, "latents")}
+        details: dict[str, Any] = {"latent_dtype": cache_dtype(entries, "latents")}
         for key in _CONDITIONS:
-            e = _entry(entries, key)
+            e = cache_entry(entries, key)
             if e is not None:
                 details[key] = [int(s) for s in e["shape"]]
                 details[key + "_dtype"] = e["dtype"]
         text_len, text_dim, text_dtype = 0, 0, "bfloat16"
         for other in ds.items:  # the longest caption of the dataset (text length is per item)
             te, _ = read_header(other.te_path)
-            e = _entry(te, "t5")
+            e = cache_entry(te, "t5")
             if e is None:
                 raise UserError(f"{other.te_path}: no Wan T5 states (varlen_t5); run wan_cache_text_encoder_outputs.py")
             if int(e["shape"][-2]) > text_len:
@@ -101,14 +102,14 @@ class WanMemoryHooks:
         b = shape.batch
         c, f, h, w = shape.latent
         batch: dict[str, Any] = {
-            "latents": torch.empty(b, c, f, h, w, dtype=_torch_dtype(d["latent_dtype"])),
-            "t5": [torch.empty(shape.text_len, d["text_dim"], dtype=_torch_dtype(d["text_dtype"])) for _ in range(b)],
+            "latents": torch.empty(b, c, f, h, w, dtype=torch_dtype(d["latent_dtype"])),
+            "t5": [torch.empty(shape.text_len, d["text_dim"], dtype=torch_dtype(d["text_dtype"])) for _ in range(b)],
         }
         for key in ("latents_image", "latents_control"):
             if key in d:  # same frames / size as the target (the bucket), own channel count
-                batch[key] = torch.empty(b, d[key][0], f, h, w, dtype=_torch_dtype(d[key + "_dtype"]))
+                batch[key] = torch.empty(b, d[key][0], f, h, w, dtype=torch_dtype(d[key + "_dtype"]))
         if "clip" in d:
-            batch["clip"] = torch.empty(b, *d["clip"], dtype=_torch_dtype(d["clip_dtype"]))
+            batch["clip"] = torch.empty(b, *d["clip"], dtype=torch_dtype(d["clip_dtype"]))
         return batch
 
     def prepare_trace(self, trainer: Any, transformer: Any) -> tuple[Any, list[str]]:
@@ -135,32 +136,6 @@ class WanMemoryHooks:
 
 
 MAX_LATENT_FRAMES = 41  # 161 video frames (4 per latent frame + 1)
-
-
-def _numel(shape: tuple[int, ...] | list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _entry(entries: dict[str, dict], name: str) -> dict | None:
-    for key, e in entries.items():
-        if batch_key(key)[0] == name:
-            return e
-    return None
-
-
-_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-def _dtype(entries: dict[str, dict], name: str) -> str:
-    e = _entry(entries, name)
-    return e["dtype"] if e is not None else "float32"
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, _DTYPES.get(name, name))
 
 
 MEMORY_HOOKS = WanMemoryHooks()
@@ -198,7 +173,7 @@ def estimate_wan_generation(args: argparse.Namespace) -> dict[str, Any]:
     st, sh, sw = task.vae_stride
     shapes = sorted(
         {((int(j.args.video_length) - 1) // st + 1, int(j.args.height) // sh, int(j.args.width) // sw) for j in jobs},
-        key=_numel,
+        key=numel,
     )
     notes = []
     if args.lora_weight or getattr(args, "lora_weight_high_noise", None):
@@ -251,7 +226,7 @@ def estimate_wan_generation(args: argparse.Namespace) -> dict[str, Any]:
         notes.append("T5 and CLIP are counted together (the generator frees T5 first): an upper bound for that phase")
     vae = _checkpoint_bytes(args.vae, "--vae", notes) if args.vae else 0
     c = task.latent_channels
-    state = [4 * c * _numel(s) * 4 for s in shapes]  # x, the sampler's state and two velocities (CFG) in fp32
+    state = [4 * c * numel(s) * 4 for s in shapes]  # x, the sampler's state and two velocities (CFG) in fp32
     gpu_total, gpu_name = resolve_gpu_total(args)
     f, h, w = shapes[-1]
     plan = GenerationPlan(
