@@ -472,6 +472,11 @@ def run_generation(
         after_generate=gen.free_dit,
         bell=getattr(args, "bell", False),
     )
+    return outputs_or_failure_summary(results)
+
+
+def outputs_or_failure_summary(results: list) -> list:
+    """Every output path of ``results``; when any job failed, one ``UserError`` listing each failed job's location."""
     failed = [r for r in results if not r.ok]
     if failed:
         lines = "\n  ".join(f"{r.job.location}: {r.error}" for r in failed)

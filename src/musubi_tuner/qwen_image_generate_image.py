@@ -17,13 +17,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from blissful_tuner.generation_loop import interactive_jobs, load_jobs, run_interactive, run_jobs
+from blissful_tuner.generation_loop import interactive_jobs, load_jobs, outputs_or_failure_summary, run_interactive, run_jobs
 from blissful_tuner.utils import apply_precision_flags, ring_bell
 from musubi_tuner.qwen_image.configs import PIXEL_STEP
 from musubi_tuner.qwen_image.generate.args import parse_args, setup_parser
 from musubi_tuner.qwen_image.generate.generator import QwenImageGenerator, decode_saved_latents, save_merged_model
 from musubi_tuner.qwen_image.generate.plan import FIELD_MAP, validate_job
-from musubi_tuner.utils.errors import UserError, cli_entry
+from musubi_tuner.utils.errors import cli_entry
 
 __all__ = ["QwenImageGenerator", "main", "parse_args", "run", "setup_parser"]
 
@@ -64,11 +64,7 @@ def run(args: argparse.Namespace, *, read_line: Callable[[str], str] | None = No
         after_generate=gen.free_dit,
         bell=args.bell,
     )
-    failed = [r for r in results if not r.ok]
-    if failed:
-        lines = "\n  ".join(f"{r.job.location}: {r.error}" for r in failed)
-        raise UserError(f"{len(failed)} of {len(results)} job(s) failed:\n  {lines}")
-    return [p for r in results for p in r.outputs]
+    return outputs_or_failure_summary(results)
 
 
 @cli_entry
