@@ -1,16 +1,16 @@
 """Peak host memory while loading the Wan DiT and the UMT5 encoder with our loaders, against the final weight bytes.
 
 Writes a mid-size Wan DiT (official key layout, bf16, width 1536 like the 1.3B model, ``--layers`` blocks) and an
-official-layout UMT5 ``.pth`` (``--t5_width``, 8 layers) into a temp dir, then loads each in a fresh process:
+official-layout UMT5 ``.pth`` (``--t5_width``, ``--t5_layers``, default 8) into a temp dir, then loads each in a fresh process:
 
   dit_bf16    wan.models.loading.load_dit, bfloat16
   dit_fp8     load_dit with --fp8_scaled (block 64)
-  t5_bf16     wan.text_encoders.WanT5Encoder.load (torch.load(weights_only=True, mmap=True) → UMT5EncoderModel)
+  t5_bf16     wan.text_encoders.WanT5Encoder.load (torch.load(weights_only=True, mmap=True), streamed into a meta model)
   t5_fp8      the same with --fp8_t5
 
 Prints peak RSS (VmHWM) minus the RSS before loading, the final parameter bytes and their ratio (target <= 1.1).
 
-    python bench/wan_load_peak.py [--layers 10] [--t5_width 2048]
+    python bench/wan_load_peak.py [--layers 10] [--t5_width 2048] [--t5_layers 8]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _params(layers: int) -> dict:
     return dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=layers, text_dim=4096)
 
 
-def write(work: Path, layers: int, t5_width: int) -> None:
+def write(work: Path, layers: int, t5_width: int, t5_layers: int = 8) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import UMT5Config, UMT5EncoderModel
@@ -51,14 +51,14 @@ def write(work: Path, layers: int, t5_width: int) -> None:
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in m.state_dict().items()}, str(work / "dit.safetensors"),
               metadata={"wan_dit_config": json.dumps({**_params(layers), "patch_size": [1, 2, 2]})})  # fmt: skip
     del m
-    cfg = UMT5Config(vocab_size=32000, d_model=t5_width, d_kv=64, d_ff=t5_width * 5 // 2, num_layers=8, num_heads=t5_width // 64,
+    cfg = UMT5Config(vocab_size=32000, d_model=t5_width, d_kv=64, d_ff=t5_width * 5 // 2, num_layers=t5_layers, num_heads=t5_width // 64,
                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
     with _seeded(1):
         t5 = UMT5EncoderModel(cfg)
     hf = t5.state_dict()
     names = ["token_embedding.weight", "norm.weight"] + [
         f"blocks.{n}.{p}.weight"
-        for n in range(8)
+        for n in range(t5_layers)
         for p in (
             "norm1",
             "attn.q",
@@ -85,12 +85,14 @@ def write(work: Path, layers: int, t5_width: int) -> None:
 
 def child(variant: str, work: Path) -> dict:
     import torch
+    import transformers.models.umt5.modeling_umt5  # noqa: F401 - imported before "before": we measure the weights
+
+    from musubi_tuner.wan.configs import get_task_config
+    from musubi_tuner.wan.models.loading import load_dit
+    from musubi_tuner.wan.text_encoders import WanT5Encoder
 
     before = _vm("VmRSS")
     if variant.startswith("dit"):
-        from musubi_tuner.wan.configs import get_task_config
-        from musubi_tuner.wan.models.loading import load_dit
-
         model = load_dit(
             get_task_config("t2v-1.3B"),
             work / "dit.safetensors",
@@ -99,8 +101,6 @@ def child(variant: str, work: Path) -> dict:
             fp8_scaled=variant == "dit_fp8",
         )
     else:
-        from musubi_tuner.wan.text_encoders import WanT5Encoder
-
         model = WanT5Encoder.load(work / "t5.pth", dtype=torch.bfloat16, fp8=variant == "t5_fp8").model
     peak = _vm("VmHWM")
     seen, final = set(), 0
@@ -115,6 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=10)
     p.add_argument("--t5_width", type=int, default=2048)
+    p.add_argument("--t5_layers", type=int, default=8, help="UMT5 blocks (the real UMT5-XXL has 24)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -124,7 +125,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        write(work, a.layers, a.t5_width)
+        write(work, a.layers, a.t5_width, a.t5_layers)
         print(f"{'variant':10s} {'peak−before GiB':>16s} {'final GiB':>10s} {'ratio':>6s}")
         for v in a.variants:
             out = subprocess.run(

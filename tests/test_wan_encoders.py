@@ -54,6 +54,51 @@ def test_umt5_official_pth_trims_to_prompt_length(wan_i2v_bundle):
     assert umt5_official_to_hf("blocks.3.ffn.fc1.weight") == "encoder.block.3.layer.1.DenseReluDense.wi_1.weight"
 
 
+def _reference_umt5(path, dtype, fp8):
+    """transformers' UMT5 with the whole converted state dict; ``fp8``: every block Linear weight rounded through
+    float8_e4m3fn (what an fp8 weight upcast at compute time multiplies with)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from musubi_tuner.modules.fp8_optimization import cast_to_fp8
+    from musubi_tuner.wan.text_encoders import umt5_config_from_hf_shapes
+
+    sd = {umt5_official_to_hf(k): v.to(dtype) for k, v in torch.load(path, weights_only=True).items()}
+    sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
+    model = UMT5EncoderModel(UMT5Config(**umt5_config_from_hf_shapes({k: tuple(v.shape) for k, v in sd.items()})))
+    model.load_state_dict(sd, strict=True)
+    model = model.to(dtype).eval()
+    if fp8:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data = cast_to_fp8(m.weight.data).to(dtype)
+    return model
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8_t5"])
+def test_umt5_streamed_from_pth_hf_dir_and_safetensors_equals_full_load(tmp_path, wan_i2v_bundle, fp8):
+    from safetensors.torch import save_file
+
+    ref = _reference_umt5(wan_i2v_bundle.t5, torch.bfloat16, fp8)
+    tok_dir = wan_i2v_bundle.t5.parent / "google" / "umt5-xxl"
+    # the same weights as an HF snapshot directory and as one HF-named safetensors file (ComfyUI's umt5_xxl layout)
+    hf_dir, single = tmp_path / "umt5", tmp_path / "umt5_xxl_bf16.safetensors"
+    if not fp8:
+        ref.save_pretrained(hf_dir)
+        save_file({k: v.clone() for k, v in ref.state_dict().items()}, str(single))  # both tied names
+    prompts = ["a red ball", "two cats and a dog on a long sofa"]
+    for src in (wan_i2v_bundle.t5,) if fp8 else (wan_i2v_bundle.t5, hf_dir, single):  # the source only changes key names
+        enc = WanT5Encoder.load(src, tokenizer=tok_dir, dtype=torch.bfloat16, fp8=fp8)
+        assert enc.model.encoder.embed_tokens.weight is enc.model.shared.weight
+        fp8_weights = [n for n, p in enc.model.named_parameters() if p.dtype == torch.float8_e4m3fn]
+        assert len(fp8_weights) == (2 * 7 if fp8 else 0), src  # q, k, v, o, wi_0, wi_1, wo of both blocks
+        got = enc.encode(prompts)
+        tokens = enc.tokenizer(prompts, padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            want = ref(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state.float()
+        for i, g in enumerate(got):
+            assert torch.equal(g, want[i, : g.shape[0]]), (src, i)
+
+
 def test_open_clip_pth_matches_transformers_penultimate_layer(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -79,7 +124,67 @@ def test_missing_or_wrong_files_are_clear_errors(tmp_path, wan_i2v_bundle):
         WanT5Encoder.load(tmp_path / "nope.pth")
     with pytest.raises(UserError, match="not an official Wan UMT5"):
         WanT5Encoder.load(wan_i2v_bundle.vae)
+    bad = tmp_path / "t5_cut.pth"
+    sd = torch.load(wan_i2v_bundle.t5, weights_only=True)
+    del sd["blocks.1.ffn.fc2.weight"]
+    torch.save(sd, bad)
+    (tmp_path / "google").symlink_to(wan_i2v_bundle.t5.parent / "google")
+    with pytest.raises(UserError, match=r"t5_cut\.pth: not a UMT5 encoder checkpoint.*1 tensors missing.*wo\.weight"):
+        WanT5Encoder.load(bad)
     with pytest.raises(UserError, match="not an open-clip"):
         WanClipEncoder.load(wan_i2v_bundle.t5)
     with pytest.raises(UserError, match="not a Wan VAE"):
         load_wan_vae(wan_i2v_bundle.t5)
+
+
+def _diffusers_vae22_to_official(sd: dict[str, torch.Tensor], num_res: int) -> dict[str, torch.Tensor]:
+    """Inverse of the loader's mapping, written independently: diffusers 2.2 names → official ``Wan2.2_VAE.pth``."""
+    import re
+
+    from musubi_tuner.demo.wan_bundle import diffusers_vae_to_official
+
+    parts = {"norm1.": "residual.0.", "conv1.": "residual.2.", "norm2.": "residual.3.", "conv2.": "residual.6."}
+    parts["conv_shortcut."] = "shortcut."
+    nested, common = {}, {}
+    for k, v in sd.items():
+        if m := re.match(r"^(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.resnets\.(\d+)\.(.+)$", k):
+            side = "encoder.downsamples" if m[1].startswith("encoder") else "decoder.upsamples"
+            inner = side.split(".")[1]
+            rest = next(new + m[4][len(old) :] for old, new in parts.items() if m[4].startswith(old))
+            nested[f"{side}.{m[2]}.{inner}.{m[3]}.{rest}"] = v
+        elif m := re.match(r"^encoder\.down_blocks\.(\d+)\.downsampler\.(.+)$", k):
+            nested[f"encoder.downsamples.{m[1]}.downsamples.{num_res}.{m[2]}"] = v  # after its residual blocks
+        elif m := re.match(r"^decoder\.up_blocks\.(\d+)\.upsampler\.(.+)$", k):
+            nested[f"decoder.upsamples.{m[1]}.upsamples.{num_res + 1}.{m[2]}"] = v  # the decoder has num_res + 1
+        else:
+            common[k] = v
+    return {**diffusers_vae_to_official(common), **nested}
+
+
+def test_official_wan22_vae_pth_and_safetensors_equal_diffusers(tmp_path):
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import save_file
+
+    from musubi_tuner.demo.wan_bundle import TINY_VAE22_CONFIG
+    from musubi_tuner.wan.vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WanVae, infer_official_wan22_config
+
+    cfg = {**TINY_VAE22_CONFIG, "decoder_base_dim": 12, "latents_mean": WAN22_LATENTS_MEAN, "latents_std": WAN22_LATENTS_STD}
+    with _seeded(3):
+        ref = AutoencoderKLWan(**cfg).eval()
+    official = _diffusers_vae22_to_official({k: v.detach().clone() for k, v in ref.state_dict().items()}, num_res=2)
+    assert "encoder.downsamples.1.downsamples.2.time_conv.weight" in official  # the official nesting
+    assert "decoder.upsamples.0.upsamples.3.resample.1.weight" in official
+    inferred = infer_official_wan22_config({k: tuple(v.shape) for k, v in official.items()})
+    assert {k: inferred[k] for k in cfg} == cfg
+    torch.save(official, tmp_path / "Wan2.2_VAE.pth")
+    save_file(official, str(tmp_path / "wan2.2_vae.safetensors"))  # ComfyUI's repackaged file: same keys
+    want = WanVae(ref, "wan2.2")
+    x = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z_ref = want.encode(x)
+    assert z_ref.shape == (1, 48, 2, 2, 2)
+    for name in ("Wan2.2_VAE.pth", "wan2.2_vae.safetensors"):
+        vae = load_wan_vae(tmp_path / name, kind="wan2.2", dtype=torch.float32)
+        assert torch.equal(vae.encode(x), z_ref), name
+        assert torch.equal(vae.decode(z_ref), want.decode(z_ref)), name
+    with pytest.raises(UserError, match="needs the wan2.1 VAE"):
+        load_wan_vae(tmp_path / "Wan2.2_VAE.pth", kind="wan2.1")

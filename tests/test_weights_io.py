@@ -137,6 +137,13 @@ def test_pt_files_only_with_weights_only(tmp_path):
             for k, v in ref.items():
                 _assert_same(r.get_tensor(k), v)
 
+    # tensors of a memory-mapped .pth come out as copies: the model never keeps the mapping (and its pages) alive
+    with open_weights(tmp_path / "w.pt") as r:
+        k = next(iter(ref))
+        first = r.get_tensor(k)
+        first.fill_(7)
+        _assert_same(r.get_tensor(k), ref[k])
+
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))

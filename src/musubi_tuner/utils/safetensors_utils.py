@@ -6,17 +6,22 @@ checkpoint and then copying or converting each tensor costs file size + model si
 docs/performance.md, "Loading"). Reading into the destination buffer keeps the peak at the model size plus one tensor.
 Headers are parsed here (8-byte little-endian length + JSON, the safetensors format) and validated against the file
 size, so a truncated or foreign file is a ``UserError`` naming it. ``.pt/.pth`` files are opened only with
-``torch.load(weights_only=True, mmap=True)``.
+``torch.load(weights_only=True, mmap=True)``; each tensor read from such a mapping is copied into a fresh buffer and
+its pages of the mapping are handed back chunk by chunk (``madvise(MADV_DONTNEED)``, Linux), so reading a ``.pth``
+tensor by tensor costs about what a safetensors file costs: the destination plus one 16 MiB chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import functools
 import json
 import os
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,11 +198,14 @@ class WeightsReader:
         self._infos: dict[str, TensorInfo] = {}
         self._pt: dict[str, torch.Tensor] = {}
         self._pt_origin: dict[str, Path] = {}
+        self._pt_mapped: set[Path] = set()  # .pt files whose tensors live in a private read-only memory map
         self._metadata: dict[str, str] = {}
         self._handles: dict[Path, object] = {}
         for f in files:
             if f.suffix in PT_SUFFIXES:
-                tensors = _torch_load(f)
+                tensors, mapped = _torch_load(f)
+                if mapped:
+                    self._pt_mapped.add(f)
                 self._add_keys(tensors.keys(), f)
                 self._pt.update(tensors)
                 self._pt_origin.update(dict.fromkeys(tensors, f))
@@ -263,6 +271,8 @@ class WeightsReader:
         self._check(key)
         if key in self._pt:
             t = self._pt[key]
+            if self._pt_origin[key] in self._pt_mapped:
+                t = _copy_out_of_mapping(t)
         else:
             t = self._read(self._infos[key])
         if dtype is not None and t.dtype != dtype:
@@ -326,17 +336,61 @@ def _pread(f, view: memoryview, info: TensorInfo, done: int) -> int:
     return f.readinto(view[done:])
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+@functools.cache
+def _madvise() -> object | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return fn
+
+
+_MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+_COPY_CHUNK_BYTES = 16 * 2**20
+
+
+def _copy_out_of_mapping(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (a tensor inside ``torch.load(mmap=True)``'s private mapping) in fresh memory.
+
+    The copy goes in 16 MiB chunks, and after each chunk the mapping's pages under it are dropped from this process
+    (re-read from the file if touched again; nothing writes them), so at most one chunk of mapped pages is resident
+    next to the destination: reading a ``.pth`` costs what a safetensors file costs."""
+    madvise = _madvise()
+    if madvise is None or not t.is_contiguous() or t.numel() == 0:
+        return t.clone(memory_format=torch.contiguous_format)
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    src, dst = t.reshape(-1), out.view(-1)
+    step = max(1, _COPY_CHUNK_BYTES // t.element_size())
+    base = t.data_ptr()
+    for i in range(0, src.numel(), step):
+        j = min(i + step, src.numel())
+        dst[i:j].copy_(src[i:j])
+        lo = base + i * t.element_size()
+        lo -= lo % _PAGE
+        madvise(lo, base + j * t.element_size() - lo, _MADV_DONTNEED)  # a failure only costs memory, never data
+    return out
+
+
+def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """``(state dict, memory-mapped?)`` of a ``.pt/.pth`` file, loaded with ``weights_only=True``."""
     if _HEADER_ONLY.get():
         raise UserError(
             f"{path}: only safetensors headers can be read without loading the weights; convert the file to .safetensors"
         )
+    mapped = True
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
+            mapped = False
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format cannot be mapped
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
@@ -349,7 +403,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise UserError(f"{path}: does not hold a state dict of tensors")
-    return obj
+    return obj, mapped
 
 
 _HEADER_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("header_only_reads", default=False)

@@ -1,9 +1,10 @@
 """Wan text and image encoders (specs/wan.md §6): UMT5-XXL encoder and the CLIP ViT-H/14 vision tower (2.1 I2V).
 
-Both come from transformers. ``--t5`` takes an HF directory (``UMT5EncoderModel`` / ``T5EncoderModel`` config +
-weights + tokenizer) or the official ``models_t5_umt5-xxl-enc-bf16.pth`` (``torch.load(weights_only=True)``; keys
-converted by ``UMT5_OFFICIAL_TO_HF``, dims read from the shapes) with the tokenizer from ``--t5_tokenizer`` or the
-official ckpt layout ``<dir of the file>/google/umt5-xxl``. ``--clip`` takes an HF ``CLIPVisionModel`` directory or the
+Both come from transformers. ``--t5`` takes an HF directory (``UMT5EncoderModel`` config + weights + tokenizer), the
+official ``models_t5_umt5-xxl-enc-bf16.pth`` (``torch.load(weights_only=True, mmap=True)``; keys converted by
+``UMT5_OFFICIAL_KEY_MAP``, dims read from the shapes) or an HF-named single ``.safetensors``, with the tokenizer from
+``--t5_tokenizer`` or the official ckpt layout ``<dir of the file>/google/umt5-xxl``. The encoder is built on the meta
+device and its weights stream in tensor by tensor (``utils.model_loading``), cast to fp8 on the way with ``--fp8_t5``. ``--clip`` takes an HF ``CLIPVisionModel`` directory or the
 official open-clip ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` (its ``visual.*`` tower converted).
 
 Prompts: ftfy-style cleaning (HTML unescape, whitespace collapse), ``max_length`` 512 tokens with truncation, the
@@ -16,14 +17,18 @@ import html
 import json
 import os
 import re
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from musubi_tuner.modules.fp8_optimization import Fp8Config
 from musubi_tuner.utils.errors import UserError
+from musubi_tuner.utils.key_mapping import KeyMap
 from musubi_tuner.utils.log import get_logger
-from musubi_tuner.utils.safetensors_utils import open_weights
+from musubi_tuner.utils.model_loading import load_weights_into_model
+from musubi_tuner.utils.safetensors_utils import WeightsReader, open_weights
 
 logger = get_logger(__name__)
 
@@ -31,6 +36,7 @@ T5_MAX_LENGTH = 512
 CLIP_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+UMT5_FP8_TARGETS = ("encoder.block.",)  # --fp8_t5: every Linear of the blocks (embedding and norms stay as loaded)
 
 
 def clean_prompt(text: str) -> str:
@@ -56,41 +62,40 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------- UMT5
 
 
+UMT5_OFFICIAL_KEY_MAP = KeyMap(
+    regexes=(
+        (r"^token_embedding\.weight$", "shared.weight"),
+        (r"^norm\.weight$", "encoder.final_layer_norm.weight"),
+        (r"^blocks\.(\d+)\.norm1\.", r"encoder.block.\1.layer.0.layer_norm."),
+        (r"^blocks\.(\d+)\.attn\.([qkvo])\.", r"encoder.block.\1.layer.0.SelfAttention.\2."),
+        (r"^blocks\.(\d+)\.pos_embedding\.embedding\.", r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias."),
+        (r"^blocks\.(\d+)\.norm2\.", r"encoder.block.\1.layer.1.layer_norm."),
+        (r"^blocks\.(\d+)\.ffn\.gate\.0\.", r"encoder.block.\1.layer.1.DenseReluDense.wi_0."),
+        (r"^blocks\.(\d+)\.ffn\.fc1\.", r"encoder.block.\1.layer.1.DenseReluDense.wi_1."),
+        (r"^blocks\.(\d+)\.ffn\.fc2\.", r"encoder.block.\1.layer.1.DenseReluDense.wo."),
+    )
+)
+# HF-layout files (a UMT5EncoderModel snapshot, a full UMT5 / T5 checkpoint, ComfyUI's umt5_xxl single file): the
+# decoder and LM head are not used, and the tied input embedding is the shared one.
+UMT5_HF_KEY_MAP = KeyMap(dropped=(r"decoder\..*", r"lm_head\..*", r"encoder\.embed_tokens\.weight"))
+
+
 def umt5_official_to_hf(key: str) -> str | None:
     """HF ``UMT5EncoderModel`` name of an official Wan T5 key (None: not part of the encoder)."""
-    if key == "token_embedding.weight":
-        return "shared.weight"
-    if key == "norm.weight":
-        return "encoder.final_layer_norm.weight"
-    m = re.match(r"^blocks\.(\d+)\.(.+)$", key)
-    if not m:
-        return None
-    n, rest = m.groups()
-    table = {
-        "norm1.weight": "layer.0.layer_norm.weight",
-        "attn.q.weight": "layer.0.SelfAttention.q.weight",
-        "attn.k.weight": "layer.0.SelfAttention.k.weight",
-        "attn.v.weight": "layer.0.SelfAttention.v.weight",
-        "attn.o.weight": "layer.0.SelfAttention.o.weight",
-        "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
-        "norm2.weight": "layer.1.layer_norm.weight",
-        "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
-        "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
-        "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
-    }
-    return f"encoder.block.{n}.{table[rest]}" if rest in table else None
+    name = UMT5_OFFICIAL_KEY_MAP.map(key)
+    return None if name == key else name
 
 
-def umt5_config_from_official(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """``UMT5Config`` fields of an official Wan T5 state dict (UMT5-XXL: 24 layers, 4096 wide, 64 heads)."""
+def umt5_config_from_hf_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """``UMT5Config`` fields read from the shapes of an HF-named UMT5 encoder (UMT5-XXL: 24 layers, 4096 wide, 64 heads)."""
     try:
-        vocab, d_model = sd["token_embedding.weight"].shape
-        inner = sd["blocks.0.attn.q.weight"].shape[0]
-        buckets, heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
-        d_ff = sd["blocks.0.ffn.fc1.weight"].shape[0]
+        vocab, d_model = shapes["shared.weight"]
+        inner = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+        buckets, heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        d_ff = shapes["encoder.block.0.layer.1.DenseReluDense.wi_1.weight"][0]
     except KeyError as e:
-        raise UserError(f"not an official Wan UMT5 checkpoint (missing {e})") from None
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k)))
+        raise UserError(f"not a UMT5 encoder checkpoint (missing {e})") from None
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"^encoder\.block\.(\d+)\.", k)))
     return dict(
         vocab_size=int(vocab),
         d_model=int(d_model),
@@ -107,6 +112,43 @@ def umt5_config_from_official(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
         pad_token_id=0,
         eos_token_id=1,
     )
+
+
+def _umt5_weights_of_dir(p: Path) -> Path:
+    """The weights to stream from an HF directory: its safetensors (index or shards), else ``pytorch_model.bin``."""
+    if any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json")):
+        return p
+    if (p / "pytorch_model.bin").is_file():
+        return p / "pytorch_model.bin"
+    raise UserError(f"{p}: no *.safetensors or pytorch_model.bin in the T5 encoder directory (--t5)")
+
+
+def _stream_umt5(model: Any, reader: WeightsReader, key_map: KeyMap, dtype: torch.dtype, device: Any, fp8: bool) -> None:
+    """Weights streamed tensor by tensor into the meta-built encoder (``--fp8_t5``: Linear weights of the blocks cast
+    to fp8 on the way, upcast at compute time), so the peak host memory stays near the final model size."""
+    model.encoder.embed_tokens = model.shared  # tied: one tensor, read once as shared.weight
+    mapped = set(key_map.map_keys(reader.keys()).values())
+    expected = set(model.state_dict()) - {"encoder.embed_tokens.weight"}
+    missing, unexpected = sorted(expected - mapped), sorted(mapped - expected)
+    if missing or unexpected:
+        raise UserError(
+            f"{reader.name}: not a UMT5 encoder checkpoint for this config (--t5): {len(missing)} tensors missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    fp8_cfg = Fp8Config(scaled=False, targets=UMT5_FP8_TARGETS) if fp8 else None
+    result = load_weights_into_model(model, reader, key_map=key_map, dtype=dtype, device=device, fp8=fp8_cfg, strict=False)
+    if fp8:
+        for module in model.modules():
+            if type(module).__name__ == "UMT5DenseGatedActDense":
+                module.forward = types.MethodType(_gated_ffn_forward_fp8, module)
+        logger.info("--fp8_t5: %d Linear weights of the T5 encoder in fp8", len(result.fp8_linears))
+
+
+def _gated_ffn_forward_fp8(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """transformers' gated FFN without its cast of the activations to ``wo``'s weight dtype (meant for fp32 ``wo``; with
+    an fp8 ``wo`` it casts the activations to fp8 and the residual add fails). ``wo`` upcasts its weight instead."""
+    h = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
+    return self.wo(self.dropout(h))
 
 
 def _load_tokenizer(source: Path | str, flag: str) -> Any:
@@ -151,39 +193,41 @@ class WanT5Encoder:
             if not (p / "config.json").is_file():
                 raise UserError(f"{p}: not a T5 encoder directory (no config.json) (--t5)")
             try:
-                model = UMT5EncoderModel.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True)
+                config = UMT5Config.from_pretrained(str(p), local_files_only=True)
             except (OSError, ValueError) as e:
-                raise UserError(f"{p}: cannot load the UMT5 encoder (--t5): {e}") from None
+                raise UserError(f"{p}: cannot read the UMT5 config (--t5): {e}") from None
+            config.is_encoder_decoder, config.use_cache = False, False
+            reader = open_weights(_umt5_weights_of_dir(p))
+            key_map = UMT5_HF_KEY_MAP
             tok_src: Path | str = tokenizer or p
         else:
-            sd = _state_dict(p)
-            if "token_embedding.weight" not in sd:
+            reader = open_weights(p)
+            official = "token_embedding.weight" in reader
+            if not official and "shared.weight" not in reader:
+                reader.close()
                 raise UserError(f"{p}: not an official Wan UMT5 checkpoint (no token_embedding.weight) (--t5)")
-            config = UMT5Config(**umt5_config_from_official(sd))
-            with torch.device("meta"):
-                model = UMT5EncoderModel(config)
-            hf = {}
-            for k, v in sd.items():
-                name = umt5_official_to_hf(k)
-                if name is None:
-                    raise UserError(f"{p}: unexpected key {k!r} in the UMT5 checkpoint (--t5)")
-                hf[name] = v.to(dtype)
-            hf["encoder.embed_tokens.weight"] = hf["shared.weight"]
-            missing = [k for k in model.state_dict() if k not in hf]
-            if missing:
-                raise UserError(f"{p}: UMT5 checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]} (--t5)")
-            model.load_state_dict(hf, strict=True, assign=True)
-            model.tie_weights()
+            key_map = UMT5_OFFICIAL_KEY_MAP if official else UMT5_HF_KEY_MAP
+            shapes = {name: tuple(reader.get_shape(k)) for k, name in key_map.map_keys(reader.keys()).items()}
+            try:
+                config = UMT5Config(**umt5_config_from_hf_shapes(shapes))
+            except UserError as e:
+                reader.close()
+                raise UserError(f"{p}: {e} (--t5)") from None
             tok_src = tokenizer or (p.parent / "google" / "umt5-xxl")
             if not Path(tok_src).exists():
+                reader.close()
                 raise UserError(
                     f"no UMT5 tokenizer for {p}: pass --t5_tokenizer DIR (google/umt5-xxl) or place it at {tok_src} "
                     "(the official checkpoint layout)"
                 )
+        try:
+            with torch.device("meta"):
+                model = UMT5EncoderModel(config)
+            _stream_umt5(model, reader, key_map, dtype, device, fp8)
+        finally:
+            reader.close()
         tok = _load_tokenizer(tok_src, "--t5_tokenizer")
-        model = model.to(device=device).eval().requires_grad_(False)
-        if fp8:
-            _cast_linears_fp8(model)
+        model = model.eval().requires_grad_(False)
         return cls(model, tok)
 
     @torch.no_grad()
@@ -197,19 +241,6 @@ class WanT5Encoder:
         out = self.model(input_ids=ids.input_ids.to(self.device), attention_mask=mask).last_hidden_state
         lengths = mask.sum(dim=1).tolist()
         return [out[i, : int(n)].float().cpu() for i, n in enumerate(lengths)]
-
-
-def _cast_linears_fp8(model: torch.nn.Module) -> None:
-    """``--fp8_t5``: Linear weights stored in float8_e4m3fn, upcast per layer at compute time (norms stay as loaded)."""
-    from musubi_tuner.modules.fp8_optimization import cast_to_fp8, patch_fp8_upcast_forward
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight = torch.nn.Parameter(cast_to_fp8(module.weight.data), requires_grad=False)
-            patch_fp8_upcast_forward(module)
-            n += 1
-    logger.info("--fp8_t5: %d Linear weights of the T5 encoder in fp8", n)
 
 
 # ---------------------------------------------------------------------------------------------------------------- CLIP

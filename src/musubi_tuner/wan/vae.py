@@ -3,8 +3,11 @@
 
 Accepted on disk: a diffusers directory (``config.json`` or a pipeline with ``vae/``), a single ``.safetensors``
 in the diffusers layout, or an official file (``Wan2.1_VAE.pth`` via ``torch.load(weights_only=True)``,
-``wan_2.1_vae.safetensors``) whose keys are converted with diffusers' ``convert_wan_vae_to_diffusers``; the
-architecture of an official file (width, levels, blocks per level, temporal downsampling) is read from its shapes.
+``wan_2.1_vae.safetensors``; ``Wan2.2_VAE.pth`` / ``wan2.2_vae.safetensors``) whose keys are converted with diffusers'
+``convert_wan_vae_to_diffusers`` — for the 2.2 file after ``wan22_official_to_diffusers`` has regrouped its nested
+``downsamples.X.downsamples.Y`` / ``upsamples.X.upsamples.Y`` blocks, which that converter does not know; the
+architecture of an official file (widths, levels, blocks per level, temporal downsampling, 2.2 pixel patch) is read
+from its shapes, and the 2.2 file gets the official 48-channel normalisation (``WAN22_LATENTS_MEAN`` / ``_STD``).
 Normalisation per channel: ``(z − mean) / std``; latents are the posterior mode (official). Encode and decode run
 causally in 1 + 4-frame chunks inside diffusers (its feature cache keeps 2 frames per conv).
 """
@@ -66,6 +69,95 @@ def infer_official_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         raise UserError("official Wan VAE: cannot read its block layout (residual blocks per level differ)")
     dim_mult = [lv[-1] // base_dim for lv in levels]
     return {"base_dim": base_dim, "z_dim": z_dim, "dim_mult": dim_mult, "num_res_blocks": num_res, "temperal_downsample": temporal}
+
+
+# Per-channel latent statistics of the Wan 2.2 VAE (official ``Wan2_2_VAE``; the diffusers TI2V-5B config carries the same).
+WAN22_LATENTS_MEAN = [
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+]  # fmt: skip
+WAN22_LATENTS_STD = [
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+]  # fmt: skip
+_RESNET_PARTS = {
+    "residual.0.": "norm1.",
+    "residual.2.": "conv1.",
+    "residual.3.": "norm2.",
+    "residual.6.": "conv2.",
+    "shortcut.": "conv_shortcut.",
+}
+_WAN22_BLOCK_RE = re.compile(r"^(encoder\.downsamples|decoder\.upsamples)\.(\d+)\.(?:downsamples|upsamples)\.(\d+)\.(.+)$")
+
+
+def is_official_wan22_vae(keys: list[str] | set[str]) -> bool:
+    """True for the official Wan 2.2 VAE layout (residual blocks nested as ``encoder.downsamples.X.downsamples.Y``)."""
+    return any(_WAN22_BLOCK_RE.match(k) for k in keys)
+
+
+def wan22_official_to_diffusers_key(key: str) -> str:
+    """One key of the official Wan 2.2 VAE in the names diffusers' Wan 2.1 converter passes through unchanged:
+    ``encoder.downsamples.X.downsamples.Y.residual.N`` → ``encoder.down_blocks.X.resnets.Y.<norm1|conv1|...>``, the
+    block's resample (its last entry) → ``encoder.down_blocks.X.downsampler.*`` (decoder: ``up_blocks.X.upsampler``).
+    Other keys (middle, head, quant convs, conv1) are returned unchanged for that converter."""
+    m = _WAN22_BLOCK_RE.match(key)
+    if not m:
+        return key
+    side, x, y, rest = m.groups()
+    enc = side.startswith("encoder")
+    blocks = "encoder.down_blocks" if enc else "decoder.up_blocks"
+    for old, new in _RESNET_PARTS.items():
+        if rest.startswith(old):
+            return f"{blocks}.{x}.resnets.{y}.{new}{rest[len(old) :]}"
+    return f"{blocks}.{x}.{'downsampler' if enc else 'upsampler'}.{rest}"
+
+
+def infer_official_wan22_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """``AutoencoderKLWan`` arguments of an official Wan 2.2 VAE state dict, read from its shapes."""
+    try:
+        base_dim, in_ch = shapes["encoder.conv1.weight"][:2]
+        z_dim = shapes["conv2.weight"][0]
+        out_ch = shapes["decoder.head.2.weight"][0]
+        dec_in = shapes["decoder.conv1.weight"][0]
+    except KeyError as e:
+        raise UserError(f"not an official Wan 2.2 VAE (missing {e})") from None
+    resnets: dict[int, set[int]] = {}
+    temporal: dict[int, bool] = {}
+    for k in shapes:
+        m = _WAN22_BLOCK_RE.match(k)
+        if m and m[1] == "encoder.downsamples":
+            x, y = int(m[2]), int(m[3])
+            if m[4].startswith("residual."):
+                resnets.setdefault(x, set()).add(y)
+            elif m[4].startswith("time_conv."):
+                temporal[x] = True
+    levels = sorted(resnets)
+    num_res = len(resnets[levels[0]]) if levels else 0
+    if not num_res or any(len(resnets[x]) != num_res for x in levels):
+        raise UserError("official Wan 2.2 VAE: cannot read its block layout (residual blocks per level differ)")
+    dim_mult = [shapes[f"encoder.downsamples.{x}.downsamples.{num_res - 1}.residual.6.weight"][0] // base_dim for x in levels]
+    patch = int(round((in_ch // 3) ** 0.5))
+    temporal_list = [temporal.get(x, False) for x in levels[:-1]]
+    return {
+        "base_dim": base_dim,
+        "decoder_base_dim": dec_in // dim_mult[-1],
+        "z_dim": z_dim,
+        "dim_mult": dim_mult,
+        "num_res_blocks": num_res,
+        "temperal_downsample": temporal_list,
+        "is_residual": True,
+        "in_channels": in_ch,
+        "out_channels": out_ch,
+        "patch_size": patch,
+        "scale_factor_spatial": patch * 2 ** (len(dim_mult) - 1),
+        "scale_factor_temporal": 2 ** sum(temporal_list),
+        "latents_mean": list(WAN22_LATENTS_MEAN),
+        "latents_std": list(WAN22_LATENTS_STD),
+    }
 
 
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -146,13 +238,13 @@ def load_wan_vae(
             cfg = {k: v for k, v in json.loads(metadata[VAE_CONFIG_METADATA_KEY]).items() if k not in _BOOKKEEPING}
         official = "encoder.conv1.weight" in sd
         if official:
-            if any(".downsamples.0.downsamples." in k for k in sd) or sd["conv2.weight"].shape[0] == 48:
-                raise UserError(
-                    f"{p}: an official Wan 2.2 VAE file (Wan2.2_VAE.pth) is not supported yet; use the diffusers "
-                    "directory (Wan-AI/Wan2.2-TI2V-5B-Diffusers, vae/)"
-                )
-            if not cfg:
-                cfg = infer_official_config({k: tuple(v.shape) for k, v in sd.items()})
+            shapes = {k: tuple(v.shape) for k, v in sd.items()}
+            if is_official_wan22_vae(sd.keys()):
+                if not cfg:
+                    cfg = infer_official_wan22_config(shapes)
+                sd = {wan22_official_to_diffusers_key(k): v for k, v in sd.items()}
+            elif not cfg:
+                cfg = infer_official_config(shapes)
             sd = convert_wan_vae_to_diffusers(sd)
         elif "encoder.conv_in.weight" not in sd:
             raise UserError(f"{p}: not a Wan VAE checkpoint (no encoder.conv1 / encoder.conv_in weights)")
