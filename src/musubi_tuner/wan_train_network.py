@@ -339,6 +339,10 @@ class WanNetworkTrainer(NetworkTrainer):
         for p in prompts:
             if self.task.i2v and not p.get("image_path"):
                 raise UserError(f"{sample_prompts}: task {self.task.name} needs a start image for every sample prompt (--i path)")
+            if self.task.control and not p.get("control_video_path"):
+                raise UserError(
+                    f"{sample_prompts}: task {self.task.name} needs a control video for every sample prompt (--cn path)"
+                )
             p["wan_negative"] = p.get("negative_prompt") if p.get("negative_prompt") is not None else self.task.negative_prompt
             texts.update([p.get("prompt") or "", p["wan_negative"]])
         enc = WanT5Encoder.load(
@@ -356,7 +360,7 @@ class WanNetworkTrainer(NetworkTrainer):
         return prompts
 
     def do_inference(self, accelerator, args, sample_parameter, vae, dit_dtype, transformer, generator):
-        from musubi_tuner.wan.generate.conditions import image_condition
+        from musubi_tuner.wan.generate.conditions import control_condition, image_condition
         from musubi_tuner.wan.pipeline import decode_latents, sample_latents
         from musubi_tuner.wan.vae import latent_frame_count
 
@@ -376,6 +380,8 @@ class WanNetworkTrainer(NetworkTrainer):
                 y, clip_fea, ti2v = image_condition(
                     task, vae, args.clip, _rel(p["image_path"], p["wan_base"]), None, frames, p["width"], p["height"], device
                 )
+            if task.control:
+                y = control_condition(vae, _rel(p["control_video_path"], p["wan_base"]), y, frames, p["width"], p["height"])
             if self.expert_mode == "both":
                 dits = {"high": transformer.expert("high"), "low": transformer.expert("low")}
                 if args.offload_inactive_dit:

@@ -3,7 +3,10 @@
 - I2V (2.1, 2.2 A14B) and FLF2V: ``y = cat([mask (4), image latent (16)])`` = 20 channels after the noisy 16. The
   image latent encodes ``[first, zeros × (F − 2), last or zero]``; the pixel mask ``[1, 0, ..., 0(, 1)]`` (length F)
   with its first entry repeated 4× is folded to ``(4, F')`` (4 pixel frames per latent frame).
-- Fun-Control: ``y = cat([control latent (16), start-image latent (16, zeros without an image)])``.
+- Fun-Control (``*-FC``, VideoX-Fun's Wan2.1-Fun Control models; musubi-tuner and VideoX-Fun agree): ``y = cat([control
+  latent (16), start-image latent (16)])`` = 32 channels after the noisy 16 (48 in all, no mask). The control latent is
+  the VAE latent of the whole control video; the start-image channels hold the first frame's latent on latent frame 0
+  only and zeros elsewhere (all zeros without a start image).
 - TI2V-5B: the first latent frame is the clean image latent; its tokens get timestep 0.
 """
 
@@ -21,6 +24,16 @@ def i2v_mask(pixel_frames: int, h: int, w: int, *, last: bool = False) -> torch.
     m = torch.cat([m[:1].repeat(4), m[1:]])  # length F + 3 = 4·F'
     lat = m.numel() // 4
     return m.view(lat, 4).transpose(0, 1)[:, :, None, None].expand(4, lat, h, w).contiguous()
+
+
+def fun_control_y(control: torch.Tensor, image_latent: torch.Tensor | None) -> torch.Tensor:
+    """Fun-Control condition channels ``cat([control (16), start image (16)])`` along the channel axis (``-4``: works for
+    ``(C, F', h, w)`` and ``(B, C, F', h, w)``). ``image_latent``: the 16-channel latent of a video starting with the
+    image (e.g. the I2V condition without its 4 mask channels); only its latent frame 0 is kept."""
+    start = torch.zeros_like(control)
+    if image_latent is not None:
+        start[..., :1, :, :] = image_latent[..., :1, :, :].to(start.dtype)
+    return torch.cat([control, start], dim=-4)
 
 
 def condition_video(first: torch.Tensor, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from musubi_tuner.networks.arch_targets import register_model_class
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.wan.caching import text_from_batch
-from musubi_tuner.wan.conditioning import ti2v_token_timesteps
+from musubi_tuner.wan.conditioning import fun_control_y, ti2v_token_timesteps
 from musubi_tuner.wan.configs import TaskConfig
 from musubi_tuner.wan.models.dit import WanModel
 
@@ -112,9 +112,8 @@ def build_dit_kwargs(
         ctrl = batch.get("latents_control")
         if ctrl is None:
             raise UserError(f"{task.name} (Fun-Control) needs control latents: cache a dataset with control videos")
-        ys.append(ctrl)
-        img = batch.get("latents_image")
-        ys.append(img[:, 4:] if img is not None else torch.zeros_like(ctrl))
+        img = batch.get("latents_image")  # (B, 4 mask + 16 latent, F', h, w) when cached with --i2v
+        ys.append(fun_control_y(ctrl, img[:, 4:] if img is not None else None))
     elif task.i2v:
         img = batch.get("latents_image")
         if img is None:

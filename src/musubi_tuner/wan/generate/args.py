@@ -213,19 +213,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--clip: task {task.name} takes no CLIP image tokens (Wan 2.1 I2V / FLF2V only)")
     if task.clip and args.image_path and not args.clip:
         raise UserError(f"--task {task.name} needs --clip (the CLIP image encoder)")
-    if (
-        task.i2v
-        and not task.control
-        and not args.image_path
-        and not args.decode_from_latent
-        and not args.from_file
-        and not args.interactive
-    ):
+    if task.i2v and not args.image_path and not args.decode_from_latent and not args.from_file and not args.interactive:
         raise UserError(f"--task {task.name} is image-to-video: give --image_path")
     if args.end_image_path and not task.flf2v:
         raise UserError(f"--end_image_path needs --task flf2v-14B (got {task.name})")
     if args.control_path and not task.control:
         raise UserError(f"--control_path needs a Fun-Control task (-FC), not {task.name}")
+    if task.control and not args.control_path and not args.decode_from_latent and not args.from_file and not args.interactive:
+        raise UserError(f"--task {task.name} is Fun-Control: give --control_path (the control video)")
     if args.denoise_strength is not None and not args.video_path:
         raise UserError("--denoise_strength needs --video_path (V2V)")
     if args.fp8_fast:

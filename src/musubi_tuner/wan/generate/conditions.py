@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from musubi_tuner.utils.errors import UserError
-from musubi_tuner.wan.conditioning import condition_video, i2v_mask
+from musubi_tuner.wan.conditioning import condition_video, fun_control_y, i2v_mask
 from musubi_tuner.wan.configs import TaskConfig
 
 
@@ -100,3 +100,13 @@ def image_condition(
         if end is not None and not task.flf2v:
             raise UserError(f"--end_image_path: task {task.name} takes one image; use flf2v-14B for first + last frames")
     return y, clip_fea, None
+
+
+def control_condition(
+    vae: Any, control: str | Path, image_y: torch.Tensor | None, frames: int, width: int, height: int
+) -> torch.Tensor:
+    """Fun-Control ``y`` ``(32, F', h, w)`` of a generation or sample: the control video (``--control_path`` / ``--cn``;
+    its first ``frames`` frames, fitted to the output size) VAE-encoded, then the start image's latent on frame 0
+    (``image_y``: the I2V condition of ``image_condition``, mask channels first; None: no start image)."""
+    ctrl = vae.encode(load_video(control, width, height, frames, "--control_path")[None])[0].cpu()
+    return fun_control_y(ctrl, image_y[4:] if image_y is not None else None)

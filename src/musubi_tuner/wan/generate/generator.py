@@ -28,7 +28,7 @@ from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
 from musubi_tuner.wan.configs import TaskConfig, check_video_geometry
 from musubi_tuner.wan.generate.args import _cfg_skip_steps
-from musubi_tuner.wan.generate.conditions import image_condition, load_video
+from musubi_tuner.wan.generate.conditions import control_condition, image_condition, load_video
 from musubi_tuner.wan.pipeline import decode_latents, sample_latents
 from musubi_tuner.wan.vae import latent_frame_count
 
@@ -117,14 +117,12 @@ class WanGenerator:
                 self.task, self._get_vae(), a.clip, a.image_path, a.end_image_path, f, w, h, self.device
             )
             out.update(y=y, clip_fea=clip_fea, ti2v=ti2v)
-        elif self.task.i2v and not self.task.control:
+        elif self.task.i2v:
             raise UserError(f"{job.location}: task {self.task.name} needs a start image (--image_path / --i)")
         if self.task.control:
             if not a.control_path:
                 raise UserError(f"{job.location}: task {self.task.name} needs a control video (--control_path / --cn)")
-            ctrl = self._get_vae().encode(load_video(a.control_path, w, h, f, "--control_path")[None])[0].cpu()
-            img = out.get("y")[4:] if out.get("y") is not None else torch.zeros_like(ctrl)
-            out["y"] = torch.cat([ctrl, img], dim=0)
+            out["y"] = control_condition(self._get_vae(), a.control_path, out.get("y"), f, w, h)
         if a.video_path:
             out["init"] = self._get_vae().encode(load_video(a.video_path, w, h, f, "--video_path")[None])[0].cpu()
         self.conditions[job.index] = out
