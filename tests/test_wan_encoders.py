@@ -188,3 +188,20 @@ def test_official_wan22_vae_pth_and_safetensors_equal_diffusers(tmp_path):
         assert torch.equal(vae.decode(z_ref), want.decode(z_ref)), name
     with pytest.raises(UserError, match="needs the wan2.1 VAE"):
         load_wan_vae(tmp_path / "Wan2.2_VAE.pth", kind="wan2.1")
+
+
+def test_vae_cache_cpu_keeps_the_causal_cache_off_the_device_with_equal_results(wan_i2v_bundle):
+    from musubi_tuner.wan.vae import OffDeviceFeatureCache
+
+    plain = load_wan_vae(wan_i2v_bundle.vae, dtype=torch.float32)
+    cached = load_wan_vae(wan_i2v_bundle.vae, dtype=torch.float32, cache_on_cpu=True)
+    x = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    z = cached.encode(x)
+    assert torch.equal(z, plain.encode(x))
+    assert torch.equal(cached.decode(z), plain.decode(z))
+    assert isinstance(cached.vae._feat_map, OffDeviceFeatureCache) and not isinstance(plain.vae._feat_map, OffDeviceFeatureCache)
+    # every causal conv kept its last frames there: the decoder's output conv alone holds 2 frames of 32x32x(base width)
+    assert cached.vae.cpu_cache_peak_bytes >= 2 * 8 * 32 * 32 * 4
+    cache = OffDeviceFeatureCache([None, None], torch.device("cpu"))
+    cache[0], cache[1] = torch.ones(2, 3), "Rep"
+    assert cache.held_bytes == 24 and cache[1] == "Rep" and torch.equal(cache[0], torch.ones(2, 3))

@@ -38,7 +38,7 @@ def setup_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--vae_cache_cpu",
         action="store_true",
-        help="musubi option; accepted, no effect: diffusers' causal VAE keeps only 2 frames per conv in its cache",
+        help="keep the VAE's causal feature cache in CPU memory during encode / decode (less VRAM, slower)",
     )
     w.add_argument("--i2v", action="store_true", help="also cache the I2V condition (mask + first-frame latent) for I2V / A14B I2V")
     w.add_argument(
@@ -65,8 +65,6 @@ def validate_args(args: argparse.Namespace) -> str:
             raise UserError(f"--clip: task {task.name} takes no CLIP image tokens (only Wan 2.1 I2V / FLF2V do)")
     if args.clip and not args.i2v:
         args.i2v = True
-    if args.vae_cache_cpu:
-        logger.info("--vae_cache_cpu: accepted; diffusers' causal VAE cache is already small (2 frames per conv)")
     return kind
 
 
@@ -86,7 +84,9 @@ class LatentEncoder:
         from musubi_tuner.wan.vae import load_wan_vae
 
         if self.vae is None:
-            self.vae = load_wan_vae(self.args.vae, kind=self.kind, dtype=self.dtype, device=self.device)
+            self.vae = load_wan_vae(
+                self.args.vae, kind=self.kind, dtype=self.dtype, device=self.device, cache_on_cpu=self.args.vae_cache_cpu
+            )
             if self.args.clip:
                 self.clip = WanClipEncoder.load(
                     self.args.clip, dtype=torch.float16 if self.device.type == "cuda" else torch.float32, device=self.device

@@ -54,7 +54,7 @@ def add_wan_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     w.add_argument("--t5_tokenizer", type=str, default=None, help="UMT5 tokenizer dir (default: google/umt5-xxl next to --t5)")
     w.add_argument("--fp8_t5", action="store_true", help="sample prompts: T5 Linear weights in fp8")
     w.add_argument("--clip", type=str, default=None, help="CLIP image encoder for 2.1 I2V sample images")
-    w.add_argument("--vae_cache_cpu", action="store_true", help="accepted, no effect (diffusers' causal VAE cache is small)")
+    w.add_argument("--vae_cache_cpu", action="store_true", help="sample videos: VAE causal cache in CPU memory")
     w.add_argument("--one_frame", action="store_true", help="one-frame training (not implemented for Wan: refused)")
     w.add_argument(
         "--force_v2_1_time_embedding",
@@ -149,8 +149,6 @@ class WanNetworkTrainer(NetworkTrainer):
             args.lora_format = "kohya"
         if args.force_v2_1_time_embedding:
             logger.info("--force_v2_1_time_embedding: no effect (only TI2V-5B uses per-token timesteps)")
-        if args.vae_cache_cpu:
-            logger.info("--vae_cache_cpu: accepted, no effect")
         if task.two_experts:
             if args.expert is None:
                 raise UserError(
@@ -236,7 +234,9 @@ class WanNetworkTrainer(NetworkTrainer):
         from musubi_tuner.wan.vae import load_wan_vae
 
         assert self.task is not None
-        return load_wan_vae(vae_path or args.vae, kind=self.task.vae, dtype=vae_dtype, device="cpu")
+        return load_wan_vae(
+            vae_path or args.vae, kind=self.task.vae, dtype=vae_dtype, device="cpu", cache_on_cpu=args.vae_cache_cpu
+        )
 
     # -- the step ----------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,10 @@ in the diffusers layout, or an official file (``Wan2.1_VAE.pth`` via ``torch.loa
 architecture of an official file (widths, levels, blocks per level, temporal downsampling, 2.2 pixel patch) is read
 from its shapes, and the 2.2 file gets the official 48-channel normalisation (``WAN22_LATENTS_MEAN`` / ``_STD``).
 Normalisation per channel: ``(z − mean) / std``; latents are the posterior mode (official). Encode and decode run
-causally in 1 + 4-frame chunks inside diffusers (its feature cache keeps 2 frames per conv).
+causally in 1 + 4-frame chunks inside diffusers; its feature cache keeps, for every causal convolution, the last 2
+input frames of the previous chunk at that convolution's resolution. ``--vae_cache_cpu`` (``cache_on_cpu``) keeps that
+cache in CPU memory, as upstream does: each entry is copied to the CPU when written and back to the VAE's device for
+the one convolution that reads it (``OffDeviceFeatureCache``), so the GPU holds one entry at a time instead of all.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import types
 from pathlib import Path
 from typing import Any
 
@@ -168,12 +172,67 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         reader.close()
 
 
+class OffDeviceFeatureCache(list):
+    """diffusers' causal-conv feature cache of ``AutoencoderKLWan`` (one entry per causal convolution: a tensor, ``None``
+    or the ``"Rep"`` marker) with its tensors stored on the CPU. A tensor written is copied to the CPU; a tensor read
+    comes back on ``device`` (the last one read is kept there until the next write, since diffusers reads an entry up
+    to three times in a row). ``held_bytes`` / ``peak_bytes``: what the cache holds now / at most (off the device)."""
+
+    def __init__(self, entries: list[Any], device: torch.device):
+        super().__init__(entries)
+        self.device = device
+        self._hot: tuple[int, torch.Tensor] | None = None
+        self._sizes: dict[int, int] = {}
+        self.held_bytes = 0
+        self.peak_bytes = 0
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._hot = None
+        if isinstance(value, torch.Tensor):
+            value = value.to("cpu")
+        size = value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+        self.held_bytes += size - self._sizes.get(index, 0)
+        self._sizes[index] = size
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        super().__setitem__(index, value)
+
+    def __getitem__(self, index: Any) -> Any:
+        value = super().__getitem__(index)
+        if not isinstance(value, torch.Tensor) or value.device == self.device:
+            return value
+        if self._hot is None or self._hot[0] != index:
+            self._hot = (index, value.to(self.device))
+        return self._hot[1]
+
+
+def keep_feature_cache_on_cpu(vae: Any) -> None:
+    """Make ``vae`` (an ``AutoencoderKLWan``) start every encode / decode with ``OffDeviceFeatureCache`` lists: diffusers
+    resets its caches in ``clear_cache``, so the instance's ``clear_cache`` is wrapped to swap them in afterwards.
+    ``vae.cpu_cache_peak_bytes``: the most one cache has held in CPU memory so far (the device memory it saved)."""
+    reset = type(vae).clear_cache
+    vae.cpu_cache_peak_bytes = 0
+
+    def clear_cache(self: Any) -> None:
+        for old in (getattr(self, "_feat_map", None), getattr(self, "_enc_feat_map", None)):
+            if isinstance(old, OffDeviceFeatureCache):
+                self.cpu_cache_peak_bytes = max(self.cpu_cache_peak_bytes, old.peak_bytes)
+        reset(self)
+        device = next(self.parameters()).device
+        self._feat_map = OffDeviceFeatureCache(self._feat_map, device)
+        self._enc_feat_map = OffDeviceFeatureCache(self._enc_feat_map, device)
+
+    vae.clear_cache = types.MethodType(clear_cache, vae)
+
+
 class WanVae:
     """``AutoencoderKLWan`` plus the Wan normalisation; pixels ``(B, 3, F, H, W)`` in [-1, 1] ⇄ normalised latents."""
 
-    def __init__(self, vae: Any, kind: str):
+    def __init__(self, vae: Any, kind: str, *, cache_on_cpu: bool = False):
         self.vae = vae
         self.kind = kind
+        self.cache_on_cpu = cache_on_cpu
+        if cache_on_cpu:
+            keep_feature_cache_on_cpu(vae)
         cfg = vae.config
         self.z_dim = int(cfg.z_dim)
         self.spatial = int(getattr(cfg, "scale_factor_spatial", None) or 8)
@@ -216,9 +275,15 @@ class WanVae:
 
 
 def load_wan_vae(
-    path: str | os.PathLike, *, kind: str = "wan2.1", dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    *,
+    kind: str = "wan2.1",
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    cache_on_cpu: bool = False,
 ) -> WanVae:
-    """Load a Wan VAE (``kind`` ``wan2.1`` or ``wan2.2``) from a diffusers directory or a single file."""
+    """Load a Wan VAE (``kind`` ``wan2.1`` or ``wan2.2``) from a diffusers directory or a single file; ``cache_on_cpu``
+    is ``--vae_cache_cpu`` (the causal feature cache kept in CPU memory during encode / decode)."""
     from diffusers import AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
@@ -267,5 +332,5 @@ def load_wan_vae(
     if z != want:
         raise UserError(f"{p}: this VAE has {z} latent channels; the task needs the {kind} VAE ({want} channels)")
     vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    logger.info("loaded Wan VAE (%s, %d channels) from %s", kind, z, p)
-    return WanVae(vae, kind)
+    logger.info("loaded Wan VAE (%s, %d channels) from %s%s", kind, z, p, "; causal cache in CPU memory" if cache_on_cpu else "")
+    return WanVae(vae, kind, cache_on_cpu=cache_on_cpu)

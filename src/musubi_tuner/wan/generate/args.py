@@ -68,7 +68,11 @@ def setup_parser() -> argparse.ArgumentParser:
     m.add_argument("--disable_numpy_memmap", action="store_true", help="accepted: the loader never memory-maps")
     m.add_argument("--vae", type=str, default=None, help="Wan2.1_VAE.pth / wan_2.1_vae.safetensors / diffusers dir (TI2V: 2.2 VAE)")
     m.add_argument("--vae_dtype", type=str, default=None, help="VAE dtype (default bfloat16)")
-    m.add_argument("--vae_cache_cpu", action="store_true", help="accepted, no effect (the causal cache is 2 frames per conv)")
+    m.add_argument(
+        "--vae_cache_cpu",
+        action="store_true",
+        help="keep the VAE's causal feature cache in CPU memory during encode / decode (less VRAM, slower)",
+    )
     m.add_argument("--t5", type=str, default=None, help="UMT5-XXL: models_t5_umt5-xxl-enc-bf16.pth or HF dir")
     m.add_argument("--t5_tokenizer", type=str, default=None, help="UMT5 tokenizer dir (default: google/umt5-xxl next to --t5)")
     m.add_argument("--clip", type=str, default=None, help="CLIP ViT-H/14 (open-clip .pth or HF dir) for Wan 2.1 I2V / FLF2V")
@@ -184,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     task = get_task_config(args.task)
     args.task_config = task
     args.device = str(resolve_device(args.device))
-    for flag in ("force_v2_1_time_embedding", "lazy_loading", "disable_numpy_memmap", "vae_cache_cpu"):
+    for flag in ("force_v2_1_time_embedding", "lazy_loading", "disable_numpy_memmap"):
         if getattr(args, flag):
             logger.info(f"--{flag}: accepted, no effect here")
     if not args.decode_from_latent:

@@ -100,7 +100,9 @@ class WanGenerator:
         from musubi_tuner.wan.vae import load_wan_vae
 
         if self.vae is None:
-            self.vae = load_wan_vae(self.args.vae, kind=self.task.vae, dtype=self.vae_dtype, device=self.device)
+            self.vae = load_wan_vae(
+                self.args.vae, kind=self.task.vae, dtype=self.vae_dtype, device=self.device, cache_on_cpu=self.args.vae_cache_cpu
+            )
         else:
             self.vae.to(self.device)
         return self.vae
@@ -382,7 +384,11 @@ def decode_saved_latents(args: argparse.Namespace) -> list[Path]:
         if latent.dim() != 4 or latent.shape[0] != task.latent_channels:
             raise UserError(f"{path}: expected a Wan latent ({task.latent_channels}, F, h, w), got {tuple(latent.shape)}")
         vae = load_wan_vae(
-            args.vae, kind=task.vae, dtype=parse_dtype(args.vae_dtype, torch.bfloat16, flag="--vae_dtype"), device=args.device
+            args.vae,
+            kind=task.vae,
+            dtype=parse_dtype(args.vae_dtype, torch.bfloat16, flag="--vae_dtype"),
+            device=args.device,
+            cache_on_cpu=args.vae_cache_cpu,
         )
         video = decode_latents(vae, latent.float())
         fps = float(md.get("bt_fps", args.fps))
