@@ -75,9 +75,16 @@ UMT5_OFFICIAL_KEY_MAP = KeyMap(
         (r"^blocks\.(\d+)\.ffn\.fc2\.", r"encoder.block.\1.layer.1.DenseReluDense.wo."),
     )
 )
-# HF-layout files (a UMT5EncoderModel snapshot, a full UMT5 / T5 checkpoint, ComfyUI's umt5_xxl single file): the
-# decoder and LM head are not used, and the tied input embedding is the shared one.
-UMT5_HF_KEY_MAP = KeyMap(dropped=(r"decoder\..*", r"lm_head\..*", r"encoder\.embed_tokens\.weight"))
+
+
+def umt5_hf_key_map(keys: list[str]) -> KeyMap:
+    """HF-layout files (a UMT5EncoderModel snapshot, a full UMT5 / T5 checkpoint, ComfyUI's umt5_xxl single file): the
+    decoder and LM head are not used; the tied input embedding is read once, as ``shared.weight`` (from
+    ``encoder.embed_tokens.weight`` when a file stores only that name)."""
+    dropped = (r"decoder\..*", r"lm_head\..*")
+    if "shared.weight" in keys:
+        return KeyMap(dropped=(*dropped, r"encoder\.embed_tokens\.weight"))
+    return KeyMap(regexes=((r"^encoder\.embed_tokens\.weight$", "shared.weight"),), dropped=dropped)
 
 
 def umt5_official_to_hf(key: str) -> str | None:
@@ -138,8 +145,10 @@ def _stream_umt5(model: Any, reader: WeightsReader, key_map: KeyMap, dtype: torc
     fp8_cfg = Fp8Config(scaled=False, targets=UMT5_FP8_TARGETS) if fp8 else None
     result = load_weights_into_model(model, reader, key_map=key_map, dtype=dtype, device=device, fp8=fp8_cfg, strict=False)
     if fp8:
+        from transformers.models.umt5.modeling_umt5 import UMT5DenseGatedActDense
+
         for module in model.modules():
-            if type(module).__name__ == "UMT5DenseGatedActDense":
+            if isinstance(module, UMT5DenseGatedActDense):
                 module.forward = types.MethodType(_gated_ffn_forward_fp8, module)
         logger.info("--fp8_t5: %d Linear weights of the T5 encoder in fp8", len(result.fp8_linears))
 
@@ -198,15 +207,15 @@ class WanT5Encoder:
                 raise UserError(f"{p}: cannot read the UMT5 config (--t5): {e}") from None
             config.is_encoder_decoder, config.use_cache = False, False
             reader = open_weights(_umt5_weights_of_dir(p))
-            key_map = UMT5_HF_KEY_MAP
+            key_map = umt5_hf_key_map(reader.keys())
             tok_src: Path | str = tokenizer or p
         else:
             reader = open_weights(p)
             official = "token_embedding.weight" in reader
-            if not official and "shared.weight" not in reader:
+            if not official and "shared.weight" not in reader and "encoder.embed_tokens.weight" not in reader:
                 reader.close()
                 raise UserError(f"{p}: not an official Wan UMT5 checkpoint (no token_embedding.weight) (--t5)")
-            key_map = UMT5_OFFICIAL_KEY_MAP if official else UMT5_HF_KEY_MAP
+            key_map = UMT5_OFFICIAL_KEY_MAP if official else umt5_hf_key_map(reader.keys())
             shapes = {name: tuple(reader.get_shape(k)) for k, name in key_map.map_keys(reader.keys()).items()}
             try:
                 config = UMT5Config(**umt5_config_from_hf_shapes(shapes))
