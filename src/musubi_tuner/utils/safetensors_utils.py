@@ -198,14 +198,14 @@ class WeightsReader:
         self._infos: dict[str, TensorInfo] = {}
         self._pt: dict[str, torch.Tensor] = {}
         self._pt_origin: dict[str, Path] = {}
-        self._pt_mapped: set[Path] = set()  # .pt files whose tensors live in a private read-only memory map
+        self._pt_maps: dict[Path, list[tuple[int, int]]] = {}  # .pt files memory-mapped by torch.load: address ranges
         self._metadata: dict[str, str] = {}
         self._handles: dict[Path, object] = {}
         for f in files:
             if f.suffix in PT_SUFFIXES:
                 tensors, mapped = _torch_load(f)
                 if mapped:
-                    self._pt_mapped.add(f)
+                    self._pt_maps[f] = _mapped_ranges(f)
                 self._add_keys(tensors.keys(), f)
                 self._pt.update(tensors)
                 self._pt_origin.update(dict.fromkeys(tensors, f))
@@ -271,8 +271,8 @@ class WeightsReader:
         self._check(key)
         if key in self._pt:
             t = self._pt[key]
-            if self._pt_origin[key] in self._pt_mapped:
-                t = _copy_out_of_mapping(t)
+            if self._pt_origin[key] in self._pt_maps:
+                t = _copy_out_of_mapping(t, self._pt_maps[self._pt_origin[key]])
         else:
             t = self._read(self._infos[key])
         if dtype is not None and t.dtype != dtype:
@@ -355,14 +355,38 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _COPY_CHUNK_BYTES = 16 * 2**20
 
 
-def _copy_out_of_mapping(t: torch.Tensor) -> torch.Tensor:
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where ``path`` is mapped into this process (``/proc/self/maps``; empty elsewhere)."""
+    target = str(path.resolve())
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n") == target:
+                    lo, hi = parts[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):  # one file can show as several adjacent entries
+        if merged and lo == merged[-1][1]:
+            merged[-1] = (merged[-1][0], hi)
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def _copy_out_of_mapping(t: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
     """A copy of ``t`` (a tensor inside ``torch.load(mmap=True)``'s private mapping) in fresh memory.
 
     The copy goes in 16 MiB chunks, and after each chunk the mapping's pages under it are dropped from this process
     (re-read from the file if touched again; nothing writes them), so at most one chunk of mapped pages is resident
     next to the destination: reading a ``.pth`` costs what a safetensors file costs."""
     madvise = _madvise()
-    if madvise is None or not t.is_contiguous() or t.numel() == 0:
+    first, last = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    inside = any(lo <= first - first % _PAGE and last <= hi for lo, hi in ranges)  # never drop pages of other memory
+    if madvise is None or not inside or not t.is_contiguous() or t.numel() == 0:
         return t.clone(memory_format=torch.contiguous_format)
     out = torch.empty_like(t, memory_format=torch.contiguous_format)
     src, dst = t.reshape(-1), out.view(-1)
