@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from musubi_tuner.demo.synthetic_data import write_synthetic_video_dataset
 from musubi_tuner.utils.errors import UserError
+from musubi_tuner.wan.trainer import WanNetworkTrainer
 from musubi_tuner.wan.training import route_timesteps
-from musubi_tuner.wan_train_network import WanNetworkTrainer, setup_parser
 from musubi_tuner.wan_train_network import main as train_main
+from musubi_tuner.wan_train_network import setup_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
