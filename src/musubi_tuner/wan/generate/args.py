@@ -47,7 +47,6 @@ REFUSED: tuple[tuple[str, str], ...] = (
     ),
 )
 UNIMPLEMENTED_SOLVERS = {
-    "dpm++sde": "--sample_solver dpm++sde is not implemented for Wan (use dpm++ or unipc)",
     "euler_a": "--sample_solver euler_a is not implemented (blissful-tuner accepts it without implementing it)",
 }
 
