@@ -35,8 +35,7 @@ class WanNetworkTrainer(NetworkTrainer):
         self.task: TaskConfig | None = None
         self.expert_mode: str | None = None
         self.boundary: float | None = None
-        self._active_expert: str | None = None
-        self._diffusers_format = False
+        self._rewrite_layout: str | None = None  # "diffusers" / "comfyui": saved kohya, rewritten by on_post_save
         self.default_vae_dtype = torch.bfloat16
 
     @property
@@ -59,8 +58,6 @@ class WanNetworkTrainer(NetworkTrainer):
             raise UserError("--compile_args: use --compile with --compile_backend / --compile_mode / --compile_dynamic")
         if args.one_frame:
             raise UserError("--one_frame: one-frame training is not implemented for Wan in this release")
-        if task.flf2v:
-            raise UserError("--task flf2v-14B: FLF2V training is not supported (generation is); train i2v-14B instead")
         self._i2v_training = task.i2v
         self._control_training = task.control
         self.default_guidance_scale = task.guidance
@@ -73,7 +70,7 @@ class WanNetworkTrainer(NetworkTrainer):
                     f"--lora_format diffusers with --network_module {args.network_module}: diffusers loads LoRA only; save kohya"
                 )
             # the shared saver knows official module names only: save kohya, rewrite with the Wan diffusers table
-            self._diffusers_format = True
+            self._rewrite_layout = "diffusers"
             args.lora_format = "kohya"
         if args.force_v2_1_time_embedding:
             logger.info("--force_v2_1_time_embedding: no effect (only TI2V-5B uses per-token timesteps)")
@@ -90,15 +87,10 @@ class WanNetworkTrainer(NetworkTrainer):
             if args.expert == "both":
                 if not args.dit_high_noise:
                     raise UserError("--expert both needs --dit_high_noise (the high-noise expert; --dit is the low-noise one)")
-                if args.blocks_to_swap:
-                    raise UserError(
-                        "--blocks_to_swap with --expert both is not supported: train the experts in two runs (--expert high / low)"
-                    )
-                if args.lora_format != "kohya":
-                    raise UserError(
-                        f"--lora_format {args.lora_format} with --expert both: save kohya (or diffusers) files and convert each "
-                        "with convert_lora.py"
-                    )
+                if args.lora_format == "comfyui":
+                    # the combined file spans both experts: save kohya, split it per expert, rewrite each file
+                    self._rewrite_layout = "comfyui"
+                    args.lora_format = "kohya"
                 if args.min_timestep is not None or args.max_timestep is not None:
                     raise UserError(
                         "--min_timestep/--max_timestep cannot be combined with --expert both (the boundary splits the range)"
@@ -156,7 +148,7 @@ class WanNetworkTrainer(NetworkTrainer):
             high_device = "cpu" if args.offload_inactive_dit else loading_device
             high = self._load_one(args, args.dit_high_noise, attn_mode, split_attn, high_device, "high")
             low = self._load_one(args, dit_path, attn_mode, split_attn, loading_device, "low")
-            return WanExpertPair(high, low)
+            return WanExpertPair(high, low, offload_inactive=bool(args.offload_inactive_dit))
         path = args.dit_high_noise if (self.expert_mode == "high" and args.dit_high_noise) else dit_path
         return self._load_one(args, path, attn_mode, split_attn, loading_device, self.expert_mode)
 
@@ -181,18 +173,6 @@ class WanNetworkTrainer(NetworkTrainer):
         batch["_wan_expert"] = expert
         return noisy_input(latents, noise, t).to(dtype), t
 
-    def _activate(self, transformer: Any, expert: str, device: torch.device, offload: bool) -> None:
-        if not offload or expert == self._active_expert:
-            self._active_expert = expert
-            return
-        other = "low" if expert == "high" else "high"
-        transformer.expert(other).to("cpu")
-        transformer.expert(expert).to(device)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self._active_expert = expert
-
     def call_dit(self, args, accelerator, transformer, latents, batch, noise, noisy_model_input, timesteps, network_dtype):
         from musubi_tuner.wan.training import build_dit_kwargs
 
@@ -200,7 +180,11 @@ class WanNetworkTrainer(NetworkTrainer):
         model = transformer
         if self.expert_mode == "both":
             expert = batch.get("_wan_expert") or ("high" if float(timesteps[0]) >= self.boundary * 1000.0 else "low")
-            self._activate(transformer, expert, accelerator.device, args.offload_inactive_dit)
+            if transformer.active != expert and args.offload_inactive_dit:
+                transformer.activate(expert, accelerator.device)
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             model = transformer.expert(expert)
         kwargs = build_dit_kwargs(self.task, model.in_dim, noisy_model_input, batch, timesteps, accelerator.device)
         pred = model(kwargs.pop("x"), kwargs.pop("timestep"), kwargs.pop("context"), **kwargs)
@@ -209,8 +193,8 @@ class WanNetworkTrainer(NetworkTrainer):
     def extra_metadata(self, args: argparse.Namespace) -> dict[str, str]:
         assert self.task is not None
         md = {"ss_wan_task": self.task.name}
-        if self._diffusers_format:
-            md["ss_lora_format"] = "diffusers"
+        if self._rewrite_layout is not None:
+            md["ss_lora_format"] = self._rewrite_layout
         if self.expert_mode is not None:
             md["ss_wan_expert"] = self.expert_mode
             md["ss_wan_timestep_boundary"] = f"{self.boundary:g}"
@@ -222,12 +206,13 @@ class WanNetworkTrainer(NetworkTrainer):
 
     def on_post_save(self, args: argparse.Namespace, accelerator: Any, path: Path) -> None:
         """``--expert both``: replace the combined file by ``<stem>_high_noise`` and ``<stem>_low_noise``;
-        ``--lora_format diffusers``: rewrite each file with the Wan diffusers module names."""
-        from musubi_tuner.wan.lora_formats import rewrite_as_diffusers
+        ``--lora_format diffusers`` / ``comfyui`` (the latter saved kohya only with ``--expert both``): rewrite each file
+        in that layout."""
+        from musubi_tuner.wan.lora_formats import rewrite_as
 
         if self.expert_mode != "both":
-            if self._diffusers_format:
-                rewrite_as_diffusers(path)
+            if self._rewrite_layout is not None:
+                rewrite_as(path, self._rewrite_layout)
             return
         from safetensors import safe_open
 
@@ -248,8 +233,8 @@ class WanNetworkTrainer(NetworkTrainer):
             md["sshs_model_hash"], md["sshs_legacy_hash"] = model_hash, legacy_hash
             out = path.with_name(f"{path.stem}_{expert}_noise{path.suffix}")
             save_safetensors_atomic(part, out, md)
-            if self._diffusers_format:
-                rewrite_as_diffusers(out)
+            if self._rewrite_layout is not None:
+                rewrite_as(out, self._rewrite_layout)
             logger.info(f"saved {out} ({len(part) // 3} modules, t {md['modelspec.timestep_range']})")
         path.unlink()
 
@@ -267,6 +252,10 @@ class WanNetworkTrainer(NetworkTrainer):
         for p in prompts:
             if self.task.i2v and not p.get("image_path"):
                 raise UserError(f"{sample_prompts}: task {self.task.name} needs a start image for every sample prompt (--i path)")
+            if self.task.flf2v and not p.get("end_image_path"):
+                raise UserError(f"{sample_prompts}: task {self.task.name} needs an end image for every sample prompt (--ei path)")
+            if p.get("end_image_path") and not self.task.flf2v:
+                raise UserError(f"{sample_prompts}: --ei (end image) needs --task flf2v-14B, not {self.task.name}")
             p["wan_negative"] = p.get("negative_prompt") if p.get("negative_prompt") is not None else self.task.negative_prompt
             texts.update([p.get("prompt") or "", p["wan_negative"]])
         enc = WanT5Encoder.load(
@@ -301,14 +290,14 @@ class WanNetworkTrainer(NetworkTrainer):
         vae.to(device)
         try:
             if p.get("image_path"):
+                end = _rel(p["end_image_path"], p["wan_base"]) if p.get("end_image_path") else None
                 y, clip_fea, ti2v = image_condition(
-                    task, vae, args.clip, _rel(p["image_path"], p["wan_base"]), None, frames, p["width"], p["height"], device
+                    task, vae, args.clip, _rel(p["image_path"], p["wan_base"]), end, frames, p["width"], p["height"], device
                 )
+            on_expert = None
             if self.expert_mode == "both":
                 dits = {"high": transformer.expert("high"), "low": transformer.expert("low")}
-                if args.offload_inactive_dit:
-                    dits["high"].to(device)
-                    dits["low"].to(device)
+                on_expert = lambda e: transformer.activate(e, device)  # noqa: E731 (offloads the other expert)
             else:
                 dits = transformer
             latents = sample_latents(
@@ -326,11 +315,9 @@ class WanNetworkTrainer(NetworkTrainer):
                 y=y,
                 clip_fea=clip_fea,
                 ti2v_image_latent=ti2v,
+                on_expert=on_expert,
                 progress=False,
             )
-            if self.expert_mode == "both" and args.offload_inactive_dit:
-                other = "low" if self._active_expert == "high" else "high"
-                transformer.expert(other).to("cpu")
             return decode_latents(vae, latents.to(device))
         finally:
             vae.to("cpu")
