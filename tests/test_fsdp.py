@@ -247,7 +247,7 @@ def _wan_light(tmp: Path, bundle) -> tuple[str, Callable[[Path], list[str]]]:
     ds = write_synthetic_video_dataset(tmp / "data", n_videos=2, n_images=0, seed=1)
     cache_latents(["--dataset_config", str(ds.video_toml), "--vae", str(bundle.vae), "--device", "cpu", "--vae_dtype", "float32"])
     cache_text(["--dataset_config", str(ds.video_toml), "--t5", str(bundle.t5), "--device", "cpu"])
-    return "musubi_tuner.wan.trainer:WanNetworkTrainer", lambda out: _light_argv(
+    return "musubi_tuner.wan_train_network:WanNetworkTrainer", lambda out: _light_argv(
         out, "--task", bundle.task, "--dit", str(bundle.dit), "--dataset_config", str(ds.video_toml),
         "--network_module", "networks.lora_wan")  # fmt: skip
 
