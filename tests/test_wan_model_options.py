@@ -202,3 +202,19 @@ def test_expert_pair_block_swap_runs_on_the_active_expert(offload):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
     assert all(active_swapped for _, active_swapped, _ in state)
     assert [other_swaps for *_, other_swaps in state] == [not offload] * 3
+
+
+def test_expert_pair_keeps_the_inactive_expert_on_the_host():
+    """``--offload_inactive_dit``: the trainer's ``transformer.to(device)`` places only the active expert (``meta``
+    stands in for the GPU: it shows placement without data)."""
+    from musubi_tuner.wan.training import WanExpertPair
+
+    def devices(m: WanModel) -> set[str]:
+        return {p.device.type for p in m.parameters()}
+
+    pair = WanExpertPair(tiny(4, seed=0), tiny(4, seed=1), offload_inactive=True)
+    pair.to("meta")
+    assert devices(pair.low_noise) == {"meta"} and devices(pair.high_noise) == {"cpu"}
+    pair = WanExpertPair(tiny(4, seed=0), tiny(4, seed=1), offload_inactive=True)
+    pair.to(torch.float64)  # a dtype still reaches both
+    assert {p.dtype for p in pair.parameters()} == {torch.float64}
