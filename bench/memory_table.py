@@ -112,7 +112,7 @@ def _trainer_and_args(task: str, dit: Path, tmp: str):
 
         argv = ["--model_version", task[3:], "--network_module", "networks.lora_qwen_image", *common]
     else:
-        from musubi_tuner.wan_train_network import WanNetworkTrainer as Trainer
+        from musubi_tuner.wan.trainer import WanNetworkTrainer as Trainer
         from musubi_tuner.wan_train_network import setup_parser
 
         argv = ["--task", task, "--network_module", "networks.lora_wan", *common]

@@ -1,4 +1,5 @@
-"""Trainer start-up: wall time of ``kandinsky5_train_network.py --help`` and from process start to the first step.
+"""Trainer start-up: wall time of ``kandinsky5_train_network.py --help`` and from process start to the first step
+(plus ``wan_train_network.py --help``).
 
 Writes the tiny Kandinsky 5 bundle and a synthetic dataset (2 clips of 17 frames at 64x64), caches them with the
 caching scripts, then runs each measured command as a fresh process, alternating, and keeps each command's fastest
@@ -95,6 +96,7 @@ def main() -> None:
         for label, (root, src) in trees.items():
             trainer = [sys.executable, str(root / "kandinsky5_train_network.py")]
             rows[f"{label}--help"] = (time_to_exit, [*trainer, "--help"], src)
+            rows[f"{label}wan --help"] = (time_to_exit, [sys.executable, str(root / "wan_train_network.py"), "--help"], src)
             rows[f"{label}start -> first step done"] = (time_to_first_step, [*trainer, *train_args], src)
         best: dict[str, float] = {}
         for _ in range(args.repeats):

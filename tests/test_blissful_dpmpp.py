@@ -1,11 +1,14 @@
-"""DPM-Solver++ for flow matching against Euler on an analytic velocity field with a known exact endpoint."""
+"""DPM-Solver++ for flow matching (``musubi_tuner.modules.flow_dpmpp``, re-exported by ``blissful_tuner.flow_dpmpp``)
+against Euler on an analytic velocity field with a known exact endpoint; its SDE variant against the formula."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from blissful_tuner.flow_dpmpp import dpmpp_sample, flow_sigmas, make_flow_dpmpp_scheduler
+from musubi_tuner.modules.flow_dpmpp import dpmpp_sample, flow_sigmas, make_flow_dpmpp_scheduler
 
 MU, S = 2.0, 0.5  # data ~ N(MU, S²), noise ~ N(0, 1)
 
@@ -81,3 +84,67 @@ def test_dpmpp_and_euler_agree_on_the_tiny_kandinsky5_dit_with_many_steps():
     gap = {n: (run(n, True) - euler[n]).abs().max().item() for n in (4, 100)}
     scale = euler[100].abs().max().item()
     assert gap[100] < 0.02 * scale and gap[100] < gap[4] / 4, (gap, scale)
+
+
+def test_generators_and_trainers_share_one_solver():
+    import blissful_tuner.flow_dpmpp as generator_side
+    from musubi_tuner.wan.sampling import make_sampler
+
+    assert generator_side.dpmpp_sample is dpmpp_sample
+    wan = make_sampler("dpm++", 6, 5.0)
+    ref = make_flow_dpmpp_scheduler(6, 5.0)
+    assert torch.equal(wan.sigmas, ref.sigmas) and wan.scheduler.config == ref.config
+
+
+def _lam(s: float) -> float:
+    """λ = log(α/σ) with α = 1 − σ (−inf at pure noise, +inf at data)."""
+    return -math.inf if s >= 1.0 else (math.inf if s <= 0.0 else math.log((1 - s) / s))
+
+
+def sde_dpmpp_2m_by_hand(velocity_fn, x, n, shift, seed):
+    """SDE-DPM-Solver++(2M), midpoint, written out from the formula in float64 (noise drawn each step, in order)."""
+    g = torch.Generator().manual_seed(seed)
+    sig = [shift * t / (1 + (shift - 1) * t) for t in (1 - i / n for i in range(n + 1))]
+    prev_x0, prev_lam = None, None
+    x = x.double()
+    for i in range(n):
+        s, s1 = sig[i], sig[i + 1]
+        x0 = x - s * velocity_fn(x, torch.tensor([s * 1000.0]), i).double()
+        z = torch.randn(x.shape, generator=g, dtype=torch.float32).double()
+        if s1 == 0.0:  # last step, first order: α' = 1, σ' = 0
+            x = x0
+        else:
+            h = _lam(s1) - _lam(s)
+            e = math.exp(-h)
+            d = x0
+            if prev_x0 is not None and math.isfinite(prev_lam):  # a step from σ = 1 gives no slope
+                r = (_lam(s) - prev_lam) / h
+                d = x0 + 0.5 * (x0 - prev_x0) / r
+            x = (s1 / s) * e * x + (1 - s1) * (1 - e * e) * d + s1 * math.sqrt(1 - e * e) * z
+        prev_x0, prev_lam = x0, _lam(s)
+    return x
+
+
+def _field(x, t_model, _i):
+    t = float(t_model[0]) / 1000.0
+    return torch.tanh(x) * (0.5 + t) + 0.3 * x - 1.0
+
+
+@pytest.mark.parametrize("n, shift", [(6, 3.0), (9, 1.0)])
+def test_dpmpp_sde_matches_the_formula_with_the_same_noise(n, shift):
+    x1 = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    got = dpmpp_sample(_field, x1.clone(), n, shift, sde=True, generator=torch.Generator().manual_seed(7))
+    want = sde_dpmpp_2m_by_hand(_field, x1.clone(), n, shift, 7)
+    assert (got.double() - want).abs().max() < 1e-4
+    again = dpmpp_sample(_field, x1.clone(), n, shift, sde=True, generator=torch.Generator().manual_seed(7))
+    other = dpmpp_sample(_field, x1.clone(), n, shift, sde=True, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(got, again) and (got - other).abs().max() > 1e-3
+
+
+def test_dpmpp_sde_samples_the_data_distribution():
+    """With the exact velocity of Gaussian data N(MU, S²) the stochastic sampler ends on that distribution (not on the
+    ODE's endpoint of the given noise)."""
+    x1 = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = dpmpp_sample(exact_velocity, x1, 100, 3.0, sde=True, generator=torch.Generator().manual_seed(1)).flatten()
+    assert abs(out.mean().item() - MU) < 0.02 and abs(out.std().item() - S) < 0.02
+    assert (out - (MU + S * x1.flatten())).abs().mean() > 0.05

@@ -158,3 +158,63 @@ def test_diffusers_lora_file_loads_in_diffusers_and_matches_our_model(tmp_path):
         want = ours(x, t, ctx, clip_fea=clip, y=y)
         got = ref(torch.cat([x, y], 1), t, ctx, encoder_hidden_states_image=clip, return_dict=False)[0]
     assert (got - want).abs().max() / want.abs().max() < 3e-5
+
+
+def _pair_steps(swap: bool, offload: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[str, bool, bool]]]:
+    """Forward + backward of a LoRA over a two-expert pair, experts high, low, high (the trainer's activation)."""
+    from musubi_tuner.wan.training import WanExpertPair
+
+    pair = WanExpertPair(tiny(4, seed=0), tiny(4, seed=1), offload_inactive=offload)
+    torch.manual_seed(5)
+    net = create_arch_network(1.0, 4, 4, None, None, pair)
+    net.apply_to(None, pair, apply_text_encoder=False, apply_unet=True)
+    for n, p in net.named_parameters():
+        if "lora_up" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    if swap:
+        pair.enable_block_swap(2, BlockSwapConfig("cpu", supports_backward=True, debug=True))
+        pair.move_to_device_except_swap_blocks("cpu")
+        pair.switch_block_swap_for_training()
+    outs, state = [], []
+    x, t, ctx = inputs()
+    for expert in ("high", "low", "high"):
+        pair.activate(expert, "cpu")
+        out = pair(x, t, ctx, expert=expert)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        other = "low" if expert == "high" else "high"
+        on = pair.expert(expert).offloaders is not None
+        swapped = on and any(e[0] == "swap" for e in pair.expert(expert).offloaders[0].events)
+        state.append((expert, swapped, pair.expert(other).offloaders is not None))
+    return outs, [p.grad.clone() for p in net.parameters()], state
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_expert_pair_block_swap_runs_on_the_active_expert(offload):
+    """``--expert both`` with ``--blocks_to_swap``: the same outputs and LoRA gradients as without block swap; with
+    ``--offload_inactive_dit`` only the active expert swaps (the inactive one has no offloader, it waits whole on the
+    host), without it both experts keep their own."""
+    ref_outs, ref_grads, _ = _pair_steps(swap=False, offload=offload)
+    outs, grads, state = _pair_steps(swap=True, offload=offload)
+    for o, r in zip(outs, ref_outs):
+        torch.testing.assert_close(o, r, rtol=0, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert all(active_swapped for _, active_swapped, _ in state)
+    assert [other_swaps for *_, other_swaps in state] == [not offload] * 3
+
+
+def test_expert_pair_keeps_the_inactive_expert_on_the_host():
+    """``--offload_inactive_dit``: the trainer's ``transformer.to(device)`` places only the active expert (``meta``
+    stands in for the GPU: it shows placement without data)."""
+    from musubi_tuner.wan.training import WanExpertPair
+
+    def devices(m: WanModel) -> set[str]:
+        return {p.device.type for p in m.parameters()}
+
+    pair = WanExpertPair(tiny(4, seed=0), tiny(4, seed=1), offload_inactive=True)
+    pair.to("meta")
+    assert devices(pair.low_noise) == {"meta"} and devices(pair.high_noise) == {"cpu"}
+    pair = WanExpertPair(tiny(4, seed=0), tiny(4, seed=1), offload_inactive=True)
+    pair.to(torch.float64)  # a dtype still reaches both
+    assert {p.dtype for p in pair.parameters()} == {torch.float64}

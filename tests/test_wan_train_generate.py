@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from musubi_tuner.demo.synthetic_data import write_synthetic_video_dataset
 from musubi_tuner.utils.errors import UserError
+from musubi_tuner.wan.trainer import WanNetworkTrainer
 from musubi_tuner.wan.training import route_timesteps
-from musubi_tuner.wan_train_network import WanNetworkTrainer, setup_parser
 from musubi_tuner.wan_train_network import main as train_main
+from musubi_tuner.wan_train_network import setup_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,6 +130,54 @@ def test_expert_both_writes_one_lora_per_expert(a14b_loras):
         assert all(k.startswith("lora_unet_blocks_") for k in sd)
         # lora_up starts at zero: only the trained expert's file has moved
         assert any(v.abs().sum() > 0 for k, v in sd.items() if "lora_up" in k)
+
+
+def _four_block_expert(path: Path, seed: int) -> Path:
+    """A tiny i2v-A14B expert with 4 blocks (the bundle's 2 leave nothing to swap in training)."""
+    import json
+
+    from musubi_tuner.demo.wan_bundle import randomize_, tiny_dit_params
+    from musubi_tuner.utils.atomic import save_safetensors_atomic
+    from musubi_tuner.wan.models.dit import WanModel
+
+    params = {**tiny_dit_params("i2v-A14B"), "num_layers": 4}
+    model = WanModel(**params)
+    randomize_(model, seed)
+    sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    save_safetensors_atomic(sd, path, metadata={"wan_dit_config": json.dumps(params, sort_keys=True)})
+    return path
+
+
+class SwapRecorder(WanNetworkTrainer):
+    """The real trainer, recording per step: the expert, whether it swaps blocks, whether the other one does."""
+
+    seen: list[tuple[str, bool, bool]] = []
+
+    def call_dit(self, args, accelerator, transformer, latents, batch, noise, noisy_model_input, timesteps, network_dtype):
+        out = super().call_dit(args, accelerator, transformer, latents, batch, noise, noisy_model_input, timesteps, network_dtype)
+        e = batch["_wan_expert"]
+        other = transformer.expert("low" if e == "high" else "high")
+        type(self).seen.append((e, transformer.expert(e).blocks_to_swap, other.offloaders is not None))
+        return out
+
+
+def test_expert_both_with_block_swap_and_comfyui_files(wan_data, tmp_path):
+    low, high = _four_block_expert(tmp_path / "low.safetensors", 0), _four_block_expert(tmp_path / "high.safetensors", 1)
+    out = tmp_path / "out"
+    a = argv("i2v-A14B", low, wan_data, out, "--expert", "both", "--dit_high_noise", str(high), "--timestep_boundary", "500",
+             "--offload_inactive_dit", "--blocks_to_swap", "2", "--lora_format", "comfyui", "--max_train_steps", "6")  # fmt: skip
+    SwapRecorder.seen = []
+    SwapRecorder().train(setup_parser().parse_args(a))
+    assert {e for e, *_ in SwapRecorder.seen} == {"high", "low"}, SwapRecorder.seen
+    assert all(swapped == 2 and not other for _, swapped, other in SwapRecorder.seen)  # the active expert swaps 2 blocks
+    for expert in ("high", "low"):
+        path = out / f"wan_{expert}_noise.safetensors"
+        with safe_open(str(path), "pt") as f:
+            keys, md = list(f.keys()), f.metadata()
+        assert md["ss_wan_expert"] == expert and md["ss_lora_format"] == "comfyui"
+        assert all(k.startswith("diffusion_model.blocks.") and ".lora_" in k for k in keys)
+        assert "diffusion_model.blocks.3.cross_attn.o.lora_A.weight" in keys and len(keys) == 4 * 10 * 2
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["wan_high_noise.safetensors", "wan_low_noise.safetensors"]
 
 
 @pytest.mark.parametrize("value", ["875", "0.875"])

@@ -41,7 +41,8 @@ def test_every_upstream_flag_is_known(script):
 
 def test_blissful_trainer_flags_are_refused_by_name():
     from musubi_tuner.utils.errors import UserError
-    from musubi_tuner.wan_train_network import WanNetworkTrainer, setup_parser
+    from musubi_tuner.wan.trainer import WanNetworkTrainer
+    from musubi_tuner.wan_train_network import setup_parser
 
     for flag in ("--simple_modulation", "--optimized_compile"):
         args = setup_parser().parse_args(["--task", "t2v-1.3B", "--dit", "x", "--dataset_config", "d", flag])

@@ -4,7 +4,8 @@
 
 Writes one ``<stem>[_<start>-<count>]_<W>x<H>_wan.safetensors`` per image / clip with ``latents_{F}x{H}x{W}_{dtype}``
 (normalised), with ``--i2v`` ``latents_image_...`` (mask 4 + first-frame latent 16), with ``--clip`` ``clip_float16``
-``(257, 1280)`` (Wan 2.1 I2V / FLF2V), and ``latents_control_...`` for datasets with control videos (Fun-Control).
+``(257, 1280)`` (Wan 2.1 I2V), and ``latents_control_...`` for datasets with control videos (Fun-Control). With
+``--task flf2v-14B`` the condition is the first and last frame of each clip and ``clip_float16`` is ``(2, 257, 1280)``.
 Video datasets are converted to 16 fps by the shared frame extraction.
 """
 
@@ -53,9 +54,11 @@ def validate_args(args: argparse.Namespace) -> str:
     if args.one_frame:
         raise UserError("--one_frame: one-frame (FramePack-style) training caches are not implemented for Wan in this release")
     kind = "wan2.1"
+    args.flf2v = False
     if args.task is not None:
         task = get_task_config(args.task)
         kind = task.vae
+        args.flf2v = task.flf2v
         if task.i2v and not args.i2v:
             logger.info(f"--task {task.name} is image-to-video: caching the I2V condition (--i2v)")
             args.i2v = True
@@ -91,7 +94,7 @@ class LatentEncoder:
                 self.clip = WanClipEncoder.load(
                     self.args.clip, dtype=torch.float16 if self.device.type == "cuda" else torch.float32, device=self.device
                 )
-        return encode_latent_batch(self.vae, batch, i2v=self.args.i2v, clip=self.clip)
+        return encode_latent_batch(self.vae, batch, i2v=self.args.i2v, clip=self.clip, flf2v=self.args.flf2v)
 
 
 @cli_entry

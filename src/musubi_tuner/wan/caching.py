@@ -2,7 +2,9 @@
 
 Latents (``wan_cache_latents.py``): per item ``latents`` ``(C, F', H/s, W/s)`` (normalised), with ``--i2v`` the 20-channel
 ``latents_image`` (mask 4 + first-frame latent 16), with ``--clip`` the 2.1 ``clip`` tokens ``(257, 1280)`` of the first
-frame, for Fun-Control datasets ``latents_control`` (the control video's latent). Text (``wan_cache_text_encoder_outputs.py``):
+frame, for Fun-Control datasets ``latents_control`` (the control video's latent). FLF2V (``--task flf2v-14B``): the
+condition holds the clip's first and last frames (mask 1 on both) and ``clip`` is ``(2, 257, 1280)`` (first, last) —
+the layout the FLF2V generator builds from a start and an end image. Text (``wan_cache_text_encoder_outputs.py``):
 ``varlen_t5`` ``(L, 4096)`` at each prompt's length; the trainer zero-pads to 512.
 """
 
@@ -15,22 +17,29 @@ import torch
 from musubi_tuner.dataset.latent_caching import LatentBatch
 from musubi_tuner.dataset.text_caching import TextItem
 from musubi_tuner.utils.errors import UserError
-from musubi_tuner.wan.conditioning import condition_video, i2v_mask
+from musubi_tuner.wan.conditioning import clip_image_tokens, encode_image_condition
 
 
-def encode_latent_batch(vae: Any, batch: LatentBatch, *, i2v: bool = False, clip: Any = None) -> list[dict[str, torch.Tensor]]:
-    """The Wan ``encode`` for ``dataset.latent_caching.cache_latents``."""
+def encode_latent_batch(
+    vae: Any, batch: LatentBatch, *, i2v: bool = False, clip: Any = None, flf2v: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """The Wan ``encode`` for ``dataset.latent_caching.cache_latents`` (``flf2v``: first + last frame conditions)."""
     pixels = batch.pixels
     frames = pixels.shape[2]
+    if flf2v and frames < 2:
+        raise UserError(
+            f"{batch.items[0].source.path}: FLF2V conditions on a clip's first and last frames; this item has {frames} frame "
+            "(use video datasets with --task flf2v-14B)"
+        )
+    last = pixels[:, :, -1] if flf2v else None
     latents = vae.encode(pixels)
     out = [{"latents": latents[i].to(vae.dtype)} for i in range(len(batch.items))]
     if i2v:
-        cond = vae.encode(condition_video(pixels[:, :, 0], frames))
-        mask = i2v_mask(frames, cond.shape[-2], cond.shape[-1])
+        cond = encode_image_condition(vae, pixels[:, :, 0], frames, last)
         for i, named in enumerate(out):
-            named["latents_image"] = torch.cat([mask, cond[i]], dim=0).to(vae.dtype)
+            named["latents_image"] = cond[i].to(vae.dtype)
     if clip is not None:
-        tokens = clip.encode(pixels[:, :, 0])
+        tokens = clip_image_tokens(clip, pixels[:, :, 0], last)
         for i, named in enumerate(out):
             named["clip"] = tokens[i].to(torch.float16)
     if batch.controls:

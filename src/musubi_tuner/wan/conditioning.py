@@ -7,10 +7,14 @@
   latent (16), start-image latent (16)])`` = 32 channels after the noisy 16 (48 in all, no mask). The control latent is
   the VAE latent of the whole control video; the start-image channels hold the first frame's latent on latent frame 0
   only and zeros elsewhere (all zeros without a start image).
+- ``encode_image_condition`` / ``clip_image_tokens``: the one place the I2V / FLF2V condition and CLIP tokens are
+  built, for the latent cache (training) and for generation alike.
 - TI2V-5B: the first latent frame is the clean image latent; its tokens get timestep 0.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -44,6 +48,26 @@ def condition_video(first: torch.Tensor, frames: int, last: torch.Tensor | None 
     if last is not None:
         video[:, :, -1] = last
     return video
+
+
+def encode_image_condition(vae: Any, first: torch.Tensor, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, 20, F', h, w)``: the mask (first, and last for FLF2V) + the VAE latent of ``condition_video``.
+
+    ``first`` / ``last``: ``(B, 3, H, W)`` in [-1, 1]; ``vae.encode`` returns normalised latents.
+    """
+    lat = vae.encode(condition_video(first, frames, last)).float()
+    mask = i2v_mask(frames, lat.shape[-2], lat.shape[-1], last=last is not None).to(lat.device)
+    return torch.cat([mask[None].expand(lat.shape[0], -1, -1, -1, -1), lat], dim=1)
+
+
+def clip_image_tokens(clip: Any, first: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP tokens of each sample's image(s): ``(B, 257, 1280)`` (2.1 I2V) or, with ``last`` (FLF2V),
+    ``(B, 2, 257, 1280)`` (first, last)."""
+    if last is None:
+        return clip.encode(first)
+    b = first.shape[0]
+    tokens = clip.encode(torch.stack([first, last], dim=1).flatten(0, 1))
+    return tokens.view(b, 2, *tokens.shape[1:])
 
 
 def ti2v_token_timesteps(t: torch.Tensor, grid: tuple[int, int, int], first_frame_clean: bool) -> torch.Tensor:

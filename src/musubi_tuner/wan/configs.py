@@ -114,6 +114,17 @@ class TaskConfig:
         return (I2V_NEGATIVE_PREFIX + DEFAULT_NEGATIVE_PROMPT) if self.i2v else DEFAULT_NEGATIVE_PROMPT
 
 
+# trainer options: the two-expert mode (spec §9 product rule) and blissful-tuner flags we refuse, with the reason
+EXPERT_CHOICES = ("both", "high", "low")
+TRAIN_REFUSED_FLAGS = {
+    "--mixed_precision_transformer": "the DiT keeps its float32 islands (norms, modulation, time embedding) already",
+    "--simple_modulation": "not implemented (approximates the modulation; the product keeps the reference math)",
+    "--lower_precision_attention": "not implemented (attention runs in the compute dtype)",
+    "--optimized_compile": "not implemented; use --compile with the --compile_* options",
+    "--disable_blockwise_quant": "fp8 quantisation here is block-wise by design; use --fp8_base without --fp8_scaled for plain casts",
+}
+
+
 def _t(name: str, size: str, version: str, cin: int, steps: int, shift: float, guidance: float, **kw) -> TaskConfig:
     cout = kw.pop("cout", 16)
     return TaskConfig(name, size, version, cin, cout, steps, shift, guidance, **kw)  # type: ignore[arg-type]

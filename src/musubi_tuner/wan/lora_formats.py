@@ -1,4 +1,5 @@
-"""Wan LoRA files in the diffusers layout (``--lora_format diffusers``): ``transformer.<diffusers module path>.lora_A/B``.
+"""Wan LoRA files in the diffusers layout (``--lora_format diffusers``): ``transformer.<diffusers module path>.lora_A/B``,
+and in the ComfyUI layout (``--lora_format comfyui``): ``diffusion_model.<official module path>.lora_A/B``.
 
 The shared conversion (``networks.convert.to_other``) writes official module paths; diffusers' ``WanTransformer3DModel``
 names them differently (``self_attn.q`` → ``attn1.to_q``, ``cross_attn.k_img`` → ``attn2.add_k_proj``, ``ffn.0`` →
@@ -17,6 +18,7 @@ from musubi_tuner.utils.atomic import save_safetensors_atomic
 from musubi_tuner.wan.models.loading import official_to_diffusers
 
 PREFIX = "transformer"
+COMFYUI_PREFIX = "diffusion_model"
 
 
 def kohya_to_diffusers(
@@ -32,12 +34,18 @@ def kohya_to_diffusers(
     return out, md
 
 
-def rewrite_as_diffusers(path: Path) -> None:
-    """Replace a kohya LoRA file written by the trainer by its diffusers-layout form (atomic)."""
+def rewrite_as(path: Path, layout: str) -> None:
+    """Replace a kohya LoRA file written by the trainer by its ``diffusers`` or ``comfyui`` form (atomic); the ComfyUI
+    file is what ``convert_lora.py --target other --diffusers_prefix diffusion_model`` writes."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         md = dict(f.metadata() or {})
         sd = {k: f.get_tensor(k) for k in f.keys()}
-    out, md = kohya_to_diffusers(sd, md, str(path))
+    if layout == "diffusers":
+        out, md = kohya_to_diffusers(sd, md, str(path))
+    elif layout == "comfyui":
+        out, md = convert_file_tensors(sd, md, "other", "wan", COMFYUI_PREFIX, str(path))
+    else:
+        raise ValueError(f"unknown LoRA layout {layout!r}")
     save_safetensors_atomic(out, path, md)

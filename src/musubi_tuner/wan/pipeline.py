@@ -19,7 +19,7 @@ from musubi_tuner.wan.configs import TaskConfig
 from musubi_tuner.wan.models.dit import WanModel
 from musubi_tuner.wan.sampling import cfg_combine, denoise_start_index, expert_for, make_sampler, needs_uncond
 
-GuidanceFn = Callable[[int, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
+GuidanceFn = Callable[[int, torch.Tensor, torch.Tensor | None, float, torch.Tensor | None], torch.Tensor]
 
 
 def _grid(model: WanModel, shape: tuple[int, int, int, int]) -> tuple[int, int, int]:
@@ -48,6 +48,7 @@ def sample_latents(
     init_latents: torch.Tensor | None = None,
     denoise_strength: float | None = None,
     noise: torch.Tensor | None = None,
+    nocond: torch.Tensor | None = None,
     guidance_fn: GuidanceFn | None = None,
     uncond_needed_fn: Callable[[int], bool] | None = None,
     skip_blocks_fn: Callable[[int, str], list[int] | None] | None = None,
@@ -69,7 +70,10 @@ def sample_latents(
         clip_fea: ``(N, 257, 1280)`` CLIP tokens (2.1 I2V: N = 1; FLF2V: 2).
         ti2v_image_latent: TI2V-5B first-frame latent ``(48, 1, h, w)``: frame 0 stays clean, its tokens get t = 0.
         init_latents / denoise_strength: V2V: start at step ``N − round(N·p)`` from ``(1 − σ)·x0 + σ·ε``.
-        guidance_fn: ``(step, v_cond, v_uncond or None, scale) -> v`` (blissful CFG variants); default CFG.
+        nocond: T5 states of the empty prompt (perpendicular negative guidance): a third pass on every step that runs
+            the unconditional one, handed to ``guidance_fn`` as ``v_nocond``.
+        guidance_fn: ``(step, v_cond, v_uncond or None, scale, v_nocond or None) -> v`` (blissful CFG variants);
+            default CFG.
         uncond_needed_fn: per-step "run the unconditional pass?" (cfg_skip, CFG schedules).
         skip_blocks_fn: ``(step, "cond"|"uncond") -> block indices to skip`` (skip-layer guidance, ``uncond`` mode).
         slg_fn: ``step -> (blocks, scale)`` for skip-layer guidance ``original`` mode: a third pass with the prompt
@@ -97,6 +101,7 @@ def sample_latents(
         x = ti2v_replace_first(x[None], ti2v_image_latent[None].to(device))[0]
     ctx_c = [cond.to(device=device, dtype=dtype)]
     ctx_u = [uncond.to(device=device, dtype=dtype)] if uncond is not None else None
+    ctx_n = [nocond.to(device=device, dtype=dtype)] if nocond is not None else None
     y_in = y[None].to(device=device, dtype=dtype) if y is not None else None
     clip_in = clip_fea.to(device) if clip_fea is not None else None
     grid = _grid(first, latent_shape)
@@ -119,12 +124,14 @@ def sample_latents(
         skip_c = skip_blocks_fn(n, "cond") if skip_blocks_fn else None
         v_c = dit(xin, t, ctx_c, clip_in, y_in, skip_block_indices=skip_c, riflex_index=riflex_index, nag=nag_in).float()
         run_u = ctx_u is not None and (uncond_needed_fn(n) if uncond_needed_fn else needs_uncond(scale))
-        v_u = None
+        v_u = v_n = None
         if run_u:
             skip_u = skip_blocks_fn(n, "uncond") if skip_blocks_fn else None
             v_u = dit(xin, t, ctx_u, clip_in, y_in, skip_block_indices=skip_u, riflex_index=riflex_index).float()
+            if ctx_n is not None:
+                v_n = dit(xin, t, ctx_n, clip_in, y_in, riflex_index=riflex_index).float()
         if guidance_fn is not None:
-            v = guidance_fn(n, v_c, v_u, scale)
+            v = guidance_fn(n, v_c, v_u, scale, v_n)
         else:
             v = cfg_combine(v_c, v_u, scale) if v_u is not None else v_c
         slg = slg_fn(n) if slg_fn is not None else None

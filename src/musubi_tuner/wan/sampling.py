@@ -1,4 +1,4 @@
-"""Wan sampling schedules (specs/wan.md §7): UniPC and DPM++ through diffusers schedulers, vanilla Euler, CFG.
+"""Wan sampling schedules (specs/wan.md §7): UniPC and DPM++ through diffusers schedulers, vanilla Euler, LCM, CFG.
 
 Conventions: σ = 1 is noise, σ = 0 data, ``x_σ = (1 − σ)·x0 + σ·ε``; the DiT predicts the velocity ``ε − x0`` and
 receives ``σ·1000`` (a float, not diffusers' truncated integer timesteps).
@@ -6,7 +6,10 @@ receives ``σ·1000`` (a float, not diffusers' truncated integer timesteps).
 - ``unipc`` (official default): ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
   flow_shift=s)`` (order 2, bh2, predict x0): σ = shift(linspace(1, 1/1000, N + 1)[:-1]), final σ 0.
 - ``dpm++``: the official ``get_sampling_sigmas`` grid σ = shift(linspace(1, 0, N + 1)[:N]) driven by
-  ``DPMSolverMultistepScheduler`` (DPM-Solver++ order 2, flow prediction), final σ 0.
+  ``DPMSolverMultistepScheduler`` (DPM-Solver++ order 2, flow prediction), final σ 0 — the shared solver of
+  ``modules.flow_dpmpp``.
+- ``dpm++sde`` (blissful-tuner): the same grid and solver, stochastic variant (``sde-dpmsolver++``); its fresh noise
+  comes from the run's generator, so a seed repeats the video.
 - ``vanilla``: Euler on the ``dpm++`` grid.
 - ``lcm`` (blissful-tuner, for distilled models / LoRAs): ``x̂0 = x − σ·v``, then ``(1 − σ')·x̂0 + σ'·ε`` with fresh ε.
 
@@ -21,21 +24,12 @@ from typing import Any
 
 import torch
 
+from musubi_tuner.modules.flow_dpmpp import dpmpp_step, flow_sigmas, make_flow_dpmpp_scheduler
 from musubi_tuner.utils.errors import UserError
 
-SOLVERS = ("unipc", "dpm++", "vanilla", "lcm")
+SOLVERS = ("unipc", "dpm++", "dpm++sde", "vanilla", "lcm")
 NUM_TRAIN_TIMESTEPS = 1000
 CFG_EPS = 1e-6
-
-
-def shift_sigmas(x: torch.Tensor, shift: float) -> torch.Tensor:
-    """``s·x / (1 + (s − 1)·x)``."""
-    return shift * x / (1 + (shift - 1) * x)
-
-
-def official_sigmas(num_steps: int, shift: float) -> torch.Tensor:
-    """``N + 1`` float32 levels: ``shift(linspace(1, 0, N + 1))`` (the last is 0)."""
-    return shift_sigmas(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift).float()
 
 
 @dataclass
@@ -72,13 +66,16 @@ class FlowSampler:
             return (1 - nxt) * x0 + nxt * eps.to(x0.device)
         if self.scheduler is None:
             return xf + (self.sigmas[index + 1] - self.sigmas[index]).item() * v
+        if self.solver.startswith("dpm++"):
+            return dpmpp_step(self.scheduler, v, index, xf, self.generator)
         return self.scheduler.step(v, self.scheduler.timesteps[index], xf, return_dict=False)[0]
 
 
 def make_sampler(
     solver: str, num_steps: int, shift: float, device: torch.device | str = "cpu", generator: torch.Generator | None = None
 ) -> FlowSampler:
-    """The sampler of ``--sample_solver`` for ``num_steps`` steps and ``--flow_shift`` (``generator``: lcm's noise)."""
+    """The sampler of ``--sample_solver`` for ``num_steps`` steps and ``--flow_shift`` (``generator``: the fresh noise of
+    lcm and dpm++sde)."""
     if solver not in SOLVERS:
         raise UserError(f"--sample_solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     if num_steps < 1:
@@ -86,7 +83,7 @@ def make_sampler(
     if shift <= 0:
         raise UserError(f"--flow_shift must be > 0 (got {shift})")
     if solver in ("vanilla", "lcm"):
-        return FlowSampler(solver, official_sigmas(num_steps, shift), generator=generator)
+        return FlowSampler(solver, flow_sigmas(num_steps, shift), generator=generator)
     if solver == "unipc":
         from diffusers import UniPCMultistepScheduler
 
@@ -104,26 +101,8 @@ def make_sampler(
         sched.set_timesteps(num_steps, device=device)
         sched.set_begin_index(0)
         return FlowSampler(solver, sched.sigmas.float().cpu(), sched)
-    from diffusers import DPMSolverMultistepScheduler
-
-    sched = DPMSolverMultistepScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        solver_order=2,
-        prediction_type="flow_prediction",
-        algorithm_type="dpmsolver++",
-        solver_type="midpoint",
-        lower_order_final=True,
-        use_flow_sigmas=True,
-        flow_shift=float(shift),
-        use_dynamic_shifting=False,
-        final_sigmas_type="zero",
-    )
-    sched.set_timesteps(num_steps, device=device)
-    sigmas = official_sigmas(num_steps, shift)
-    sched.sigmas = sigmas  # the official grid; the solver reads only sigmas once its step index is set
-    sched.timesteps = sigmas[:-1] * NUM_TRAIN_TIMESTEPS
-    sched.set_begin_index(0)
-    return FlowSampler(solver, sigmas, sched)
+    sched = make_flow_dpmpp_scheduler(num_steps, shift, sde=solver == "dpm++sde")
+    return FlowSampler(solver, sched.sigmas, sched, generator=generator)
 
 
 def needs_uncond(guidance: float) -> bool:

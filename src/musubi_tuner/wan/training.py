@@ -4,6 +4,8 @@
   cache, CLIP tokens, TI2V per-token timesteps.
 - ``WanExpertPair``: the Wan 2.2 A14B high- and low-noise experts as one module (``high_noise`` / ``low_noise``), so
   one LoRA network spans both (``--expert both``); ``split_expert_state_dict`` writes each expert's LoRA on its own.
+  Block swap runs on each expert's own blocks; with ``--offload_inactive_dit`` only the active expert is on the device
+  (its block swap engaged), the other waits whole in host memory.
 - ``route_timesteps``: one side of the boundary for the whole batch, so each step runs one expert.
 """
 
@@ -27,15 +29,32 @@ KOHYA_PREFIX = "lora_unet_"
 
 
 class WanExpertPair(nn.Module):
-    """Both Wan 2.2 experts under ``high_noise`` / ``low_noise``; ``forward`` runs the expert named by ``expert``."""
+    """Both Wan 2.2 experts under ``high_noise`` / ``low_noise``; ``forward`` runs the expert named by ``expert``.
 
-    def __init__(self, high: WanModel, low: WanModel):
+    ``offload_inactive``: ``activate(name, device)`` puts the named expert on ``device`` (non-swapped weights on the
+    device, swapped blocks laid out by its offloader) and the other one whole in host memory (block swap off there, so
+    nothing of it stays on the device). Without it both experts stay placed and ``activate`` only records the name.
+    The block-swap methods of the trainer's contract apply to the experts that are placed on the device.
+    """
+
+    def __init__(self, high: WanModel, low: WanModel, *, offload_inactive: bool = False):
         super().__init__()
         self.high_noise = high
         self.low_noise = low
+        self.offload_inactive = offload_inactive
+        self.active: str | None = "low" if offload_inactive else None  # the trainer loads the low-noise expert on the device
+        self.blocks_to_swap = 0
+        self._swap: tuple[int, Any] | None = None  # (blocks, BlockSwapConfig) while block swap is on
+        self._swap_training = True
 
     def expert(self, name: str) -> WanModel:
         return getattr(self, EXPERT_ATTR[name])
+
+    def _placed(self) -> list[WanModel]:
+        """The experts that live on the device (both, or only the active one with ``offload_inactive``)."""
+        if not self.offload_inactive:
+            return [self.high_noise, self.low_noise]
+        return [self.expert(self.active)] if self.active else []
 
     @property
     def in_dim(self) -> int:
@@ -57,8 +76,76 @@ class WanExpertPair(nn.Module):
         for m in (self.high_noise, self.low_noise):
             m.disable_gradient_checkpointing()
 
-    def enable_block_swap(self, *args: Any, **kwargs: Any) -> None:
-        raise UserError("--blocks_to_swap with --expert both is not supported: train the experts in two runs (--expert high / low)")
+    # -- block swap (the trainer's contract, per expert) -------------------------------------------------------------
+
+    def enable_block_swap(self, num_blocks: int, config: Any) -> None:
+        """``num_blocks`` of each expert's blocks swap (clamped per expert as for one DiT)."""
+        self._swap = (num_blocks, config)
+        for m in self._placed():
+            m.enable_block_swap(num_blocks, config)
+        probe = self._placed()[0] if self._placed() else self.low_noise
+        self.blocks_to_swap = probe.blocks_to_swap if probe.offloaders is not None else num_blocks
+        if self.blocks_to_swap == 0:
+            self._swap = None
+
+    def disable_block_swap(self) -> None:
+        for m in (self.high_noise, self.low_noise):
+            m.disable_block_swap()
+        self._swap = None
+        self.blocks_to_swap = 0
+
+    def move_to_device_except_swap_blocks(self, device: torch.device | str) -> None:
+        for m in self._placed():
+            m.move_to_device_except_swap_blocks(device)
+
+    def prepare_block_swap_before_forward(self) -> None:
+        for m in self._placed():
+            m.prepare_block_swap_before_forward()
+
+    def switch_block_swap_for_inference(self) -> None:
+        self._swap_training = False
+        for m in self._placed():
+            m.switch_block_swap_for_inference()
+
+    def switch_block_swap_for_training(self) -> None:
+        self._swap_training = True
+        for m in self._placed():
+            m.switch_block_swap_for_training()
+
+    def activate(self, name: str, device: torch.device | str) -> None:
+        """Make ``name`` the expert that runs next; with ``offload_inactive`` swap the two between host and device."""
+        if not self.offload_inactive or name == self.active:
+            self.active = name
+            return
+        if self.active is not None:
+            old = self.expert(self.active)
+            old.disable_block_swap()  # its offloader's layout would be stale once the whole model moves
+            old.to("cpu")
+        self.active = name
+        new = self.expert(name)
+        if self._swap is None:
+            new.to(device)
+            return
+        new.enable_block_swap(*self._swap)
+        new.move_to_device_except_swap_blocks(device)
+        if self._swap_training:
+            new.switch_block_swap_for_training()
+        else:
+            new.switch_block_swap_for_inference()
+
+    def to(self, *args: Any, **kwargs: Any) -> WanExpertPair:
+        """``nn.Module.to``, except that with ``offload_inactive`` the inactive expert stays in host memory (a dtype
+        given is still applied to it)."""
+        if not self.offload_inactive:
+            return super().to(*args, **kwargs)
+        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        for name in EXPERTS:
+            m = self.expert(name)
+            if name == self.active:
+                m.to(*args, **kwargs)
+            elif dtype is not None:
+                m.to(dtype=dtype)
+        return self
 
     def forward(self, *args: Any, expert: str, **kwargs: Any) -> torch.Tensor:
         return self.expert(expert)(*args, **kwargs)
@@ -132,7 +219,20 @@ def build_dit_kwargs(
         clip = batch.get("clip")
         if clip is None:
             raise UserError(f"task {task.name} needs CLIP image tokens: cache the latents with --clip")
-        kwargs["clip_fea"] = clip.to(device)
+        flf2v_cache = clip.dim() == 4  # (B, 2, 257, 1280): first + last frame tokens
+        if flf2v_cache != task.flf2v:
+            raise UserError(
+                f"{batch.get('item_keys', ['?'])[0]}: the latent cache holds "
+                + ("first + last frame conditions (FLF2V)" if flf2v_cache else "first-frame conditions (I2V)")
+                + f" but --task {task.name} trains "
+                + (
+                    "FLF2V: re-cache with wan_cache_latents.py --task flf2v-14B"
+                    if task.flf2v
+                    else "I2V: re-cache with --task " + task.name
+                )
+            )
+        # FLF2V: (2B, 257, 1280), first and last image of each sample in that order (the DiT's layout)
+        kwargs["clip_fea"] = (clip.flatten(0, 1) if flf2v_cache else clip).to(device)
     t = timesteps.to(device)
     if task.ti2v:
         f, h, w = x_t.shape[2], x_t.shape[3] // 2, x_t.shape[4] // 2

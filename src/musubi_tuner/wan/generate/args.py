@@ -47,7 +47,6 @@ REFUSED: tuple[tuple[str, str], ...] = (
     ),
 )
 UNIMPLEMENTED_SOLVERS = {
-    "dpm++sde": "--sample_solver dpm++sde is not implemented for Wan (use dpm++ or unipc)",
     "euler_a": "--sample_solver euler_a is not implemented (blissful-tuner accepts it without implementing it)",
 }
 
@@ -175,8 +174,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UserError(msg)
     if args.sample_solver in UNIMPLEMENTED_SOLVERS:
         raise UserError(UNIMPLEMENTED_SOLVERS[args.sample_solver])
-    if args.perp_neg is not None:
-        raise UserError("--perp_neg is not available for Wan in this release (use --cfg_schedule / --cfgzerostar_scaling)")
     if args.riflex_index and args.rope_func != "comfy":
         raise UserError("--riflex_index needs --rope_func comfy (as in blissful-tuner)")
     if args.nag_scale is not None and (args.nag_scale < 1.0 or args.nag_tau <= 0 or not 0.0 <= args.nag_alpha <= 1.0):
@@ -255,6 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not 0 <= args.slg_start < args.slg_end <= 1:
             raise UserError(f"--slg_start/--slg_end must satisfy 0 <= start < end <= 1 (got {args.slg_start}, {args.slg_end})")
         args.slg_mode = args.slg_mode or "original"
+        if args.perp_neg is not None and args.slg_mode == "original":
+            raise UserError("--perp_neg cannot be combined with --slg_mode original (use --slg_mode uncond)")
     else:
         args.slg_layer_list = None
     _cfg_skip_steps(args.cfg_skip_mode, args.cfg_apply_ratio, args.infer_steps)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from musubi_tuner.utils.errors import UserError
-from musubi_tuner.wan.conditioning import condition_video, fun_control_y, i2v_mask
+from musubi_tuner.wan.conditioning import clip_image_tokens, encode_image_condition, fun_control_y
 from musubi_tuner.wan.configs import TaskConfig
 
 
@@ -85,20 +85,18 @@ def image_condition(
         return None, None, vae.encode(img[None, :, None])[0].cpu()
     if not task.i2v:
         raise UserError(f"--image_path: task {task.name} is not image-to-video (use i2v-14B, flf2v-14B, i2v-A14B or ti2v-5B)")
-    video = condition_video(img[None], frames, end[None] if end is not None else None)
-    lat = vae.encode(video)[0].cpu()
-    y = torch.cat([i2v_mask(frames, lat.shape[-2], lat.shape[-1], last=end is not None), lat], dim=0)
+    y = encode_image_condition(vae, img[None], frames, end[None] if end is not None else None)[0].cpu()
     clip_fea = None
     if task.clip:
         if clip is None:
             raise UserError(f"task {task.name} needs the CLIP image encoder (--clip)")
+        if end is not None and not task.flf2v:
+            raise UserError(f"--end_image_path: task {task.name} takes one image; use flf2v-14B for first + last frames")
         from musubi_tuner.wan.text_encoders import WanClipEncoder
 
         enc = clip if isinstance(clip, WanClipEncoder) else WanClipEncoder.load(clip, dtype=torch.float32, device=device)
-        images = torch.stack([img] + ([end] if end is not None else []))
-        clip_fea = enc.encode(images)
-        if end is not None and not task.flf2v:
-            raise UserError(f"--end_image_path: task {task.name} takes one image; use flf2v-14B for first + last frames")
+        # (N, 257, 1280): one image (I2V) or first + last (FLF2V), the DiT's layout for one sample
+        clip_fea = clip_image_tokens(enc, img[None], end[None] if end is not None else None).flatten(0, -3)
     return y, clip_fea, None
 
 

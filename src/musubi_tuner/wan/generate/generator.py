@@ -82,13 +82,22 @@ class WanGenerator:
             )
         negative = job.negative_prompt if job.negative_prompt is not None else self.task.negative_prompt
         texts = [job.prompt, negative]
-        if job.args.nag_scale is not None:
+        nag = job.args.nag_scale is not None
+        if nag:
             texts.append(job.args.nag_prompt if job.args.nag_prompt is not None else negative)
+        if job.args.perp_neg is not None:
+            texts.append("")  # perpendicular negative guidance: the empty-prompt ("nocond") pass
         states = self.t5.encode(texts)
-        return {"cond": states[0], "uncond": states[1], "nag": states[2] if len(states) > 2 else None, "negative": negative}
+        return {
+            "cond": states[0],
+            "uncond": states[1],
+            "nag": states[2] if nag else None,
+            "nocond": states[-1] if job.args.perp_neg is not None else None,
+            "negative": negative,
+        }
 
     def cache_key(self, job: Job) -> Any:
-        return (job.prompt, job.negative_prompt, job.args.nag_prompt, job.args.nag_scale is not None)
+        return (job.prompt, job.negative_prompt, job.args.nag_prompt, job.args.nag_scale is not None, job.args.perp_neg is not None)
 
     def free_text_encoder(self) -> None:
         self.t5 = None
@@ -237,14 +246,15 @@ class WanGenerator:
         def needs_uncond(n: int) -> bool:
             return gplan.needs_uncond(n) and (skip is None or skip[n])
 
-        def guidance(n: int, v_c: torch.Tensor, v_u: torch.Tensor | None, scale: float) -> torch.Tensor:
+        def guidance(n: int, v_c: torch.Tensor, v_u: torch.Tensor | None, scale: float, v_n: torch.Tensor | None) -> torch.Tensor:
             if v_u is None:
                 return v_c
             if scale != float(a.guidance_scale):  # the high-noise expert's own scale
+                from blissful_tuner.guidance import perp_neg_combine
                 from musubi_tuner.wan.sampling import cfg_combine
 
-                return cfg_combine(v_c, v_u, scale)
-            return gplan.combine(n, v_c, v_u)
+                return perp_neg_combine(v_c, v_u, v_n, scale, a.perp_neg) if v_n is not None else cfg_combine(v_c, v_u, scale)
+            return gplan.combine(n, v_c, v_u, v_n)
 
         layers = a.slg_layer_list
         lo, hi = (round(run_steps * a.slg_start), round(run_steps * a.slg_end)) if layers else (0, 0)
@@ -290,6 +300,7 @@ class WanGenerator:
             init_latents=cond.get("init"),
             denoise_strength=a.denoise_strength,
             noise=noise,
+            nocond=encoded.get("nocond"),
             guidance_fn=guidance,
             uncond_needed_fn=needs_uncond,
             skip_blocks_fn=skip_blocks,
