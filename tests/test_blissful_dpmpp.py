@@ -1,4 +1,4 @@
-"""DPM-Solver++ for flow matching (``musubi_tuner.modules.flow_dpmpp``, re-exported by ``blissful_tuner.flow_dpmpp``)
+"""DPM-Solver++ for flow matching (``musubi_tuner.modules.flow_dpmpp``: the generators and the trainers' samples share it)
 against Euler on an analytic velocity field with a known exact endpoint; its SDE variant against the formula."""
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ def test_dpmpp_and_euler_agree_on_the_tiny_kandinsky5_dit_with_many_steps():
 
 
 def test_generators_and_trainers_share_one_solver():
-    import blissful_tuner.flow_dpmpp as generator_side
+    from musubi_tuner.kandinsky5.generate import generator as k5_generator
     from musubi_tuner.wan.sampling import make_sampler
 
-    assert generator_side.dpmpp_sample is dpmpp_sample
+    assert k5_generator.dpmpp_sample is dpmpp_sample
     wan = make_sampler("dpm++", 6, 5.0)
     ref = make_flow_dpmpp_scheduler(6, 5.0)
     assert torch.equal(wan.sigmas, ref.sigmas) and wan.scheduler.config == ref.config

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from blissful_tuner.dit_residency import DitResidency, free_memory
-from blissful_tuner.flow_dpmpp import dpmpp_sample
 from blissful_tuner.generation_loop import Job
 from blissful_tuner.guidance import GuidancePlan
 from blissful_tuner.latent_preview import FLUX1_RGB, HUNYUAN_VIDEO_RGB, LatentPreviewer, load_preview_decoder
@@ -29,6 +28,7 @@ from musubi_tuner.kandinsky5.models.loading import dit_weights_path, load_dit
 from musubi_tuner.kandinsky5.models.nabla import build_sparse_params
 from musubi_tuner.kandinsky5.pipeline import decode_latents, initial_noise, sample_latents, ti2i_step_count
 from musubi_tuner.kandinsky5.vae import K5Vae, load_k5_vae
+from musubi_tuner.modules.flow_dpmpp import dpmpp_sample
 from musubi_tuner.utils.dtypes import parse_dtype
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
