@@ -152,13 +152,23 @@ def test_one_frame_training_runs(one_frame_data, wan_i2v_bundle, tmp_path):
             seen.append((batch["f_indices"].tolist(), tuple(latents.shape), tuple(out.pred.shape)))
             return out
 
+    root, _ = one_frame_data
+    prompts = tmp_path / "samples.txt"
+    prompts.write_text(f"a ball --w {SIZE} --h {SIZE} --s 2 --d 1 --i {root / 'controls' / 'item0.png'} --of {OPTIONS}\n")
     argv = ["--task", "i2v-14B", "--dit", str(b.dit), "--dataset_config", str(toml), "--network_module",
             "networks.lora_wan", "--network_dim", "4", "--output_dir", str(tmp_path), "--output_name", "of",
             "--max_data_loader_n_workers", "0", "--seed", "1", "--dit_dtype", "float32", "--max_train_steps", "2",
-            "--one_frame"]  # fmt: skip
+            "--one_frame", "--sample_prompts", str(prompts), "--sample_at_first", "--t5", str(b.t5), "--vae", str(b.vae),
+            "--clip", str(b.clip)]  # fmt: skip
     Spy().train(setup_parser().parse_args(argv))
     assert seen and all(s == ([[0, 9]], (1, 16, 2, 4, 4), (1, 16, 1, 4, 4)) for s in seen)
     assert any("cross_attn_k_img" in k for k in load_file(str(tmp_path / "of.safetensors")))
+    samples = list((tmp_path / "sample").iterdir())  # one image per sample prompt, not a video
+    assert [f.suffix for f in samples] == [".png"], samples
+
+    prompts.write_text(f"a ball --i {root / 'controls' / 'item0.png'}\n")
+    with pytest.raises(UserError, match="need one-frame options on every prompt"):
+        WanNetworkTrainer().train(setup_parser().parse_args(argv))
 
 
 def test_generator_writes_one_image(one_frame_data, wan_i2v_bundle, tmp_path):
@@ -216,3 +226,23 @@ def test_generator_refuses_bad_one_frame_input(wan_i2v_bundle, wan_t2v_bundle, t
     with pytest.raises(UserError, match="not t2v-1.3B"):
         parse_args(["--task", "t2v-1.3B", "--dit", str(t.dit), "--vae", str(t.vae), "--t5", str(t.t5), "--prompt", "x",
                     "--save_path", str(tmp_path), "--one_frame_inference", OPTIONS])  # fmt: skip
+
+
+def test_cache_refuses_a_dataset_without_one_frame_keys_by_name(one_frame_data, wan_i2v_bundle, tmp_path, capsys):
+    from musubi_tuner.wan_cache_latents import main as cache_latents
+
+    root, toml = one_frame_data
+    text = toml.read_text().replace(str(root / "cache"), str(tmp_path / "cache"))
+    bad = tmp_path / "no_keys.toml"
+    bad.write_text(text.replace("fp_1f_target_index = 9\n", ""))
+    argv = ["--vae", str(wan_i2v_bundle.vae), "--device", "cpu", "--vae_dtype", "float32", "--task", "i2v-A14B", "--one_frame"]
+    with pytest.raises(SystemExit) as exc:
+        cache_latents(["--dataset_config", str(bad), *argv])
+    assert (
+        exc.value.code != 0 and "datasets[0]: one-frame caching (--one_frame) needs fp_1f_target_index" in capsys.readouterr().err
+    )
+    bad.write_text(text.replace("fp_1f_clean_indices = [0]", "fp_1f_clean_indices = [0, 4]"))
+    with pytest.raises(SystemExit):
+        cache_latents(["--dataset_config", str(bad), *argv])
+    assert "fp_1f_clean_indices lists 2 clean frame(s) but the item has 1 control image(s)" in capsys.readouterr().err
+    assert not list((tmp_path / "cache").glob("*.safetensors"))  # nothing half-written
