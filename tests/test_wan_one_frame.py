@@ -137,6 +137,12 @@ def test_training_input_equals_the_generator_and_loss_is_on_the_target_frame(one
     plain = dit(noisy, torch.tensor([500.0]), batch["t5"], kw["clip_fea"], kw["y"])
     assert (plain[:, :, 1] - full[:, :, 1]).abs().max() > 1e-5  # index 9, not 1: the RoPE position reaches the model
 
+    # per-sample indices in one batch give what each sample gets alone
+    other = dit(noisy, torch.tensor([500.0]), batch["t5"], kw["clip_fea"], kw["y"], frame_indices=[0, 5])
+    both = dit(noisy.expand(2, -1, -1, -1, -1), torch.tensor([500.0, 500.0]), batch["t5"] * 2, kw["clip_fea"].expand(2, -1, -1),
+               kw["y"].expand(2, -1, -1, -1, -1), frame_indices=torch.tensor([[0, 9], [0, 5]]))  # fmt: skip
+    torch.testing.assert_close(both, torch.cat([full, other]), rtol=1e-5, atol=1e-5)
+
 
 def test_one_frame_training_runs(one_frame_data, wan_i2v_bundle, tmp_path):
     from musubi_tuner.wan.trainer import WanNetworkTrainer
