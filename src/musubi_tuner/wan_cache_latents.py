@@ -6,7 +6,9 @@ Writes one ``<stem>[_<start>-<count>]_<W>x<H>_wan.safetensors`` per image / clip
 (normalised), with ``--i2v`` ``latents_image_...`` (mask 4 + first-frame latent 16), with ``--clip`` ``clip_float16``
 ``(257, 1280)`` (Wan 2.1 I2V), and ``latents_control_...`` for datasets with control videos (Fun-Control). With
 ``--task flf2v-14B`` the condition is the first and last frame of each clip and ``clip_float16`` is ``(2, 257, 1280)``.
-Video datasets are converted to 16 fps by the shared frame extraction.
+Video datasets are converted to 16 fps by the shared frame extraction. With ``--one_frame`` (image datasets with
+control images and ``fp_1f_target_index`` / ``fp_1f_clean_indices``) the one-frame layout of ``wan.one_frame`` is
+cached, with ``f_indices_int32``.
 """
 
 from __future__ import annotations
@@ -45,14 +47,16 @@ def setup_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--clip", type=str, default=None, help="CLIP image encoder (open-clip .pth or HF dir): cache 2.1 I2V image tokens"
     )
-    w.add_argument("--one_frame", action="store_true", help="one-frame training caches (not supported for Wan yet: refused)")
+    w.add_argument(
+        "--one_frame",
+        action="store_true",
+        help="one-frame training caches: image datasets with control images and fp_1f_target_index / fp_1f_clean_indices",
+    )
     return p
 
 
 def validate_args(args: argparse.Namespace) -> str:
     """Check the options before any media or model is touched; returns the VAE kind."""
-    if args.one_frame:
-        raise UserError("--one_frame: one-frame (FramePack-style) training caches are not implemented for Wan in this release")
     kind = "wan2.1"
     args.flf2v = False
     if args.task is not None:
@@ -67,6 +71,12 @@ def validate_args(args: argparse.Namespace) -> str:
         if args.clip and not task.clip:
             raise UserError(f"--clip: task {task.name} takes no CLIP image tokens (only Wan 2.1 I2V / FLF2V do)")
     if args.clip and not args.i2v:
+        args.i2v = True
+    if args.one_frame:
+        from musubi_tuner.wan.one_frame import check_one_frame_task
+
+        if args.task is not None:
+            check_one_frame_task(get_task_config(args.task), "--one_frame")
         args.i2v = True
     return kind
 
@@ -94,7 +104,9 @@ class LatentEncoder:
                 self.clip = WanClipEncoder.load(
                     self.args.clip, dtype=torch.float16 if self.device.type == "cuda" else torch.float32, device=self.device
                 )
-        return encode_latent_batch(self.vae, batch, i2v=self.args.i2v, clip=self.clip, flf2v=self.args.flf2v)
+        return encode_latent_batch(
+            self.vae, batch, i2v=self.args.i2v, clip=self.clip, flf2v=self.args.flf2v, one_frame=self.args.one_frame
+        )
 
 
 @cli_entry

@@ -48,7 +48,12 @@ def add_wan_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     w.add_argument("--fp8_t5", action="store_true", help="sample prompts: T5 Linear weights in fp8")
     w.add_argument("--clip", type=str, default=None, help="CLIP image encoder for 2.1 I2V sample images")
     w.add_argument("--vae_cache_cpu", action="store_true", help="sample videos: VAE causal cache in CPU memory")
-    w.add_argument("--one_frame", action="store_true", help="one-frame training (not implemented for Wan: refused)")
+    w.add_argument(
+        "--one_frame",
+        action="store_true",
+        help="one-frame mode (I2V tasks): sample prompts are generated one-frame with their --of options; "
+        "one-frame caches (wan_cache_latents.py --one_frame) train without it",
+    )
     w.add_argument(
         "--force_v2_1_time_embedding",
         action="store_true",

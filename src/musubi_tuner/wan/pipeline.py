@@ -57,6 +57,7 @@ def sample_latents(
     step_callback: Callable[[int, torch.Tensor, float], None] | None = None,
     riflex_index: int = 0,
     nag: tuple[torch.Tensor, float, float, float] | None = None,
+    frame_indices: tuple[int, ...] | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Sample one latent ``(C, F', h, w)`` (float32, CPU).
@@ -81,6 +82,7 @@ def sample_latents(
         on_expert: called with the expert about to run when it changes (offload the inactive one).
         step_callback: ``(step, x, sigma_next)`` after each step (previews).
         nag: ``(negative T5 states (L, 4096), scale, tau, alpha)``: NAG in the prompt pass's cross-attention.
+        frame_indices: one-frame mode: the RoPE time index of each latent frame (``wan.one_frame``).
     """
     experts = dict(dits) if isinstance(dits, Mapping) else {None: dits}
     if boundary is not None and set(experts) != {"high", "low"}:
@@ -106,6 +108,7 @@ def sample_latents(
     clip_in = clip_fea.to(device) if clip_fea is not None else None
     grid = _grid(first, latent_shape)
     nag_in = ([nag[0].to(device=device, dtype=dtype)], nag[1], nag[2], nag[3]) if nag is not None else None
+    fi = {"frame_indices": frame_indices} if frame_indices is not None else {}
     active: object = object()
     steps = range(start, num_steps)
     for n, i in enumerate(tqdm(steps, desc="sampling", leave=False, disable=not progress)):
@@ -122,21 +125,21 @@ def sample_latents(
             t = ti2v_token_timesteps(t, grid, first_frame_clean=ti2v_image_latent is not None)
         xin = x[None].to(dtype)
         skip_c = skip_blocks_fn(n, "cond") if skip_blocks_fn else None
-        v_c = dit(xin, t, ctx_c, clip_in, y_in, skip_block_indices=skip_c, riflex_index=riflex_index, nag=nag_in).float()
+        v_c = dit(xin, t, ctx_c, clip_in, y_in, skip_block_indices=skip_c, riflex_index=riflex_index, nag=nag_in, **fi).float()
         run_u = ctx_u is not None and (uncond_needed_fn(n) if uncond_needed_fn else needs_uncond(scale))
         v_u = v_n = None
         if run_u:
             skip_u = skip_blocks_fn(n, "uncond") if skip_blocks_fn else None
-            v_u = dit(xin, t, ctx_u, clip_in, y_in, skip_block_indices=skip_u, riflex_index=riflex_index).float()
+            v_u = dit(xin, t, ctx_u, clip_in, y_in, skip_block_indices=skip_u, riflex_index=riflex_index, **fi).float()
             if ctx_n is not None:
-                v_n = dit(xin, t, ctx_n, clip_in, y_in, riflex_index=riflex_index).float()
+                v_n = dit(xin, t, ctx_n, clip_in, y_in, riflex_index=riflex_index, **fi).float()
         if guidance_fn is not None:
             v = guidance_fn(n, v_c, v_u, scale, v_n)
         else:
             v = cfg_combine(v_c, v_u, scale) if v_u is not None else v_c
         slg = slg_fn(n) if slg_fn is not None else None
         if slg is not None:
-            v_s = dit(xin, t, ctx_c, clip_in, y_in, skip_block_indices=slg[0], riflex_index=riflex_index).float()
+            v_s = dit(xin, t, ctx_c, clip_in, y_in, skip_block_indices=slg[0], riflex_index=riflex_index, **fi).float()
             v = v + slg[1] * (v_c - v_s)
         x = sampler.step(v[0], i, x)
         if ti2v_image_latent is not None:

@@ -57,7 +57,9 @@ class WanNetworkTrainer(NetworkTrainer):
         if args.compile_args is not None:
             raise UserError("--compile_args: use --compile with --compile_backend / --compile_mode / --compile_dynamic")
         if args.one_frame:
-            raise UserError("--one_frame: one-frame training is not implemented for Wan in this release")
+            from musubi_tuner.wan.one_frame import check_one_frame_task
+
+            check_one_frame_task(task, "--one_frame")
         self._i2v_training = task.i2v
         self._control_training = task.control
         self.default_guidance_scale = task.guidance
@@ -188,7 +190,15 @@ class WanNetworkTrainer(NetworkTrainer):
             model = transformer.expert(expert)
         kwargs = build_dit_kwargs(self.task, model.in_dim, noisy_model_input, batch, timesteps, accelerator.device)
         pred = model(kwargs.pop("x"), kwargs.pop("timestep"), kwargs.pop("context"), **kwargs)
-        return DiTOutput(pred=pred.float(), target=(noise - latents).float())
+        target = noise - latents
+        if "frame_indices" in kwargs:
+            # one-frame training: the loss covers the generated frame only, not the control frames
+            from musubi_tuner.wan.one_frame import target_positions
+
+            rows = torch.arange(pred.shape[0], device=pred.device)
+            pos = target_positions(kwargs["y"]).to(pred.device)
+            pred, target = pred[rows, :, pos][:, :, None], target[rows, :, pos][:, :, None]
+        return DiTOutput(pred=pred.float(), target=target.float())
 
     def extra_metadata(self, args: argparse.Namespace) -> dict[str, str]:
         assert self.task is not None
@@ -260,6 +270,15 @@ class WanNetworkTrainer(NetworkTrainer):
                 raise UserError(
                     f"{sample_prompts}: task {self.task.name} needs a control video for every sample prompt (--cn path)"
                 )
+            if p.get("one_frame"):
+                from musubi_tuner.wan.one_frame import check_one_frame_task, parse_one_frame_options
+
+                check_one_frame_task(self.task, f"{sample_prompts}: --of")
+                parse_one_frame_options(p["one_frame"], f"{sample_prompts}: --of")
+            elif args.one_frame:
+                raise UserError(
+                    f"{sample_prompts}: --one_frame samples need one-frame options on every prompt (--of target_index=N)"
+                )
             p["wan_negative"] = p.get("negative_prompt") if p.get("negative_prompt") is not None else self.task.negative_prompt
             texts.update([p.get("prompt") or "", p["wan_negative"]])
         enc = WanT5Encoder.load(
@@ -293,7 +312,28 @@ class WanNetworkTrainer(NetworkTrainer):
         y = clip_fea = ti2v = None
         vae.to(device)
         try:
-            if p.get("image_path"):
+            one_frame = None
+            if p.get("one_frame"):
+                from musubi_tuner.wan.generate.conditions import one_frame_condition
+                from musubi_tuner.wan.one_frame import parse_one_frame_options
+
+                one_frame = parse_one_frame_options(p["one_frame"], "sample prompt --of")
+                end = _rel(p["end_image_path"], p["wan_base"]) if p.get("end_image_path") else None
+                controls = [_rel(c, p["wan_base"]) for c in p.get("control_image_path") or []]
+                y, clip_fea = one_frame_condition(
+                    task,
+                    vae,
+                    args.clip,
+                    _rel(p["image_path"], p["wan_base"]),
+                    end,
+                    controls,
+                    one_frame,
+                    p["width"],
+                    p["height"],
+                    device,
+                )
+                shape = (task.latent_channels, len(one_frame.frame_indices), *shape[2:])
+            elif p.get("image_path"):
                 end = _rel(p["end_image_path"], p["wan_base"]) if p.get("end_image_path") else None
                 y, clip_fea, ti2v = image_condition(
                     task, vae, args.clip, _rel(p["image_path"], p["wan_base"]), end, frames, p["width"], p["height"], device
@@ -322,8 +362,11 @@ class WanNetworkTrainer(NetworkTrainer):
                 clip_fea=clip_fea,
                 ti2v_image_latent=ti2v,
                 on_expert=on_expert,
+                frame_indices=one_frame.frame_indices if one_frame is not None else None,
                 progress=False,
             )
+            if one_frame is not None:
+                latents = latents[:, one_frame.target_position : one_frame.target_position + 1]
             return decode_latents(vae, latents.to(device))
         finally:
             vae.to("cpu")

@@ -1,7 +1,7 @@
 """Wan LoRA training pieces (specs/wan.md §9): the DiT inputs of a cached batch and the two-expert model pair.
 
 - ``build_dit_kwargs``: T5 states (the model zero-pads to 512), I2V / Fun-Control condition channels ``y`` from the
-  cache, CLIP tokens, TI2V per-token timesteps.
+  cache, CLIP tokens, TI2V per-token timesteps, one-frame RoPE time indices (``f_indices``).
 - ``WanExpertPair``: the Wan 2.2 A14B high- and low-noise experts as one module (``high_noise`` / ``low_noise``), so
   one LoRA network spans both (``--expert both``); ``split_expert_state_dict`` writes each expert's LoRA on its own.
   Block swap runs on each expert's own blocks; with ``--offload_inactive_dit`` only the active expert is on the device
@@ -22,6 +22,7 @@ from musubi_tuner.wan.caching import text_from_batch
 from musubi_tuner.wan.conditioning import fun_control_y, ti2v_token_timesteps
 from musubi_tuner.wan.configs import TaskConfig
 from musubi_tuner.wan.models.dit import WanModel
+from musubi_tuner.wan.one_frame import check_one_frame_task
 
 EXPERTS = ("high", "low")
 EXPERT_ATTR = {"high": "high_noise", "low": "low_noise"}
@@ -233,6 +234,14 @@ def build_dit_kwargs(
             )
         # FLF2V: (2B, 257, 1280), first and last image of each sample in that order (the DiT's layout)
         kwargs["clip_fea"] = (clip.flatten(0, 1) if flf2v_cache else clip).to(device)
+    f_indices = batch.get("f_indices")
+    if f_indices is not None:
+        check_one_frame_task(task, f"{batch.get('item_keys', ['?'])[0]}: one-frame cache (f_indices)")
+        if f_indices.shape[-1] != x_t.shape[2]:
+            raise UserError(
+                f"{batch.get('item_keys', ['?'])[0]}: f_indices lists {f_indices.shape[-1]} frames, the latents have {x_t.shape[2]}"
+            )
+        kwargs["frame_indices"] = f_indices.long()
     t = timesteps.to(device)
     if task.ti2v:
         f, h, w = x_t.shape[2], x_t.shape[3] // 2, x_t.shape[4] // 2

@@ -34,9 +34,10 @@ CFG_SKIP_MODES = ("early", "late", "middle", "early_late", "alternate", "none")
 # Upstream flags refused by name: (flag attribute, message).
 REFUSED: tuple[tuple[str, str], ...] = (
     ("ckpt_dir", "--ckpt_dir: name the files instead (--dit, --vae, --t5, --clip); no directory layout is guessed"),
-    ("one_frame_inference", "--one_frame_inference: one-frame inference is not implemented for Wan in this release"),
-    ("control_image_path", "--control_image_path: one-frame control images are not implemented for Wan in this release"),
-    ("control_image_mask_path", "--control_image_mask_path: one-frame control masks are not implemented for Wan in this release"),
+    (
+        "control_image_mask_path",
+        "--control_image_mask_path: one-frame control masks are not implemented for Wan (musubi-tuner ignores them too)",
+    ),
     ("include_patterns", "--include_patterns: LoRA module filters at load time are not supported; every LoRA module is applied"),
     ("exclude_patterns", "--exclude_patterns: LoRA module filters at load time are not supported; every LoRA module is applied"),
     ("save_merged_model", "--save_merged_model: use merge_lora.py (streams the merge to a file)"),
@@ -114,9 +115,16 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_path", type=str, default=None, help="I2V / FLF2V / TI2V start image")
     g.add_argument("--end_image_path", type=str, default=None, help="FLF2V end image")
     g.add_argument("--control_path", type=str, default=None, help="Fun-Control control video (or image directory)")
-    g.add_argument("--one_frame_inference", type=str, default=None, help="refused (not implemented for Wan)")
-    g.add_argument("--control_image_path", type=str, nargs="*", default=None, help="refused (one-frame)")
-    g.add_argument("--control_image_mask_path", type=str, nargs="*", default=None, help="refused (one-frame)")
+    g.add_argument(
+        "--one_frame_inference",
+        type=str,
+        default=None,
+        help="one-frame inference (I2V tasks): e.g. target_index=9,control_index=0 (see docs/wan.md); writes one image",
+    )
+    g.add_argument(
+        "--control_image_path", type=str, nargs="*", default=None, help="one-frame control images (default: --image_path)"
+    )
+    g.add_argument("--control_image_mask_path", type=str, nargs="*", default=None, help="refused (one-frame masks)")
     g.add_argument("--trim_tail_frames", type=int, default=0, help="drop this many frames from the end of the output")
     g.add_argument("--cfg_skip_mode", type=str, default="none", choices=CFG_SKIP_MODES, help="steps that skip CFG")
     g.add_argument("--cfg_apply_ratio", type=float, default=None, help="share of steps that run CFG with --cfg_skip_mode (0.5)")
@@ -222,6 +230,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--control_path needs a Fun-Control task (-FC), not {task.name}")
     if task.control and not args.control_path and not args.decode_from_latent and not args.from_file and not args.interactive:
         raise UserError(f"--task {task.name} is Fun-Control: give --control_path (the control video)")
+    if args.one_frame_inference is not None:
+        from musubi_tuner.wan.one_frame import check_one_frame_task, parse_one_frame_options
+
+        check_one_frame_task(task, "--one_frame_inference")
+        parse_one_frame_options(args.one_frame_inference, "--one_frame_inference")
+        if args.video_path:
+            raise UserError("--video_path (V2V) cannot be combined with --one_frame_inference")
+    elif args.control_image_path and not args.from_file and not args.interactive:
+        raise UserError("--control_image_path needs --one_frame_inference (the control images of one-frame inference)")
     if args.denoise_strength is not None and not args.video_path:
         raise UserError("--denoise_strength needs --video_path (V2V)")
     if args.fp8_fast:

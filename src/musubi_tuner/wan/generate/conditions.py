@@ -11,6 +11,7 @@ import torch
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.wan.conditioning import clip_image_tokens, encode_image_condition, fun_control_y
 from musubi_tuner.wan.configs import TaskConfig
+from musubi_tuner.wan.one_frame import OneFrameOptions, check_one_frame_task, encode_one_frame
 
 
 def load_image(path: str | Path, width: int, height: int, flag: str) -> torch.Tensor:
@@ -86,18 +87,49 @@ def image_condition(
     if not task.i2v:
         raise UserError(f"--image_path: task {task.name} is not image-to-video (use i2v-14B, flf2v-14B, i2v-A14B or ti2v-5B)")
     y = encode_image_condition(vae, img[None], frames, end[None] if end is not None else None)[0].cpu()
-    clip_fea = None
-    if task.clip:
-        if clip is None:
-            raise UserError(f"task {task.name} needs the CLIP image encoder (--clip)")
-        if end is not None and not task.flf2v:
-            raise UserError(f"--end_image_path: task {task.name} takes one image; use flf2v-14B for first + last frames")
-        from musubi_tuner.wan.text_encoders import WanClipEncoder
+    return y, _clip_condition(task, clip, img, end, device), None
 
-        enc = clip if isinstance(clip, WanClipEncoder) else WanClipEncoder.load(clip, dtype=torch.float32, device=device)
-        # (N, 257, 1280): one image (I2V) or first + last (FLF2V), the DiT's layout for one sample
-        clip_fea = clip_image_tokens(enc, img[None], end[None] if end is not None else None).flatten(0, -3)
-    return y, clip_fea, None
+
+def _clip_condition(task: TaskConfig, clip: Any, img: torch.Tensor, end: torch.Tensor | None, device: Any) -> torch.Tensor | None:
+    """``(N, 257, 1280)`` CLIP tokens of the start image (and the end image for FLF2V) for 2.1 tasks, else None."""
+    if not task.clip:
+        return None
+    if clip is None:
+        raise UserError(f"task {task.name} needs the CLIP image encoder (--clip)")
+    if end is not None and not task.flf2v:
+        raise UserError(f"--end_image_path: task {task.name} takes one image; use flf2v-14B for first + last frames")
+    from musubi_tuner.wan.text_encoders import WanClipEncoder
+
+    enc = clip if isinstance(clip, WanClipEncoder) else WanClipEncoder.load(clip, dtype=torch.float32, device=device)
+    # (N, 257, 1280): one image (I2V) or first + last (FLF2V), the DiT's layout for one sample
+    return clip_image_tokens(enc, img[None], end[None] if end is not None else None).flatten(0, -3)
+
+
+def one_frame_condition(
+    task: TaskConfig,
+    vae: Any,
+    clip: Any,
+    first: str | Path,
+    last: str | Path | None,
+    control_paths: list[str] | None,
+    options: OneFrameOptions,
+    width: int,
+    height: int,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(y (20, F, h, w), clip_fea)`` of a one-frame generation (``wan.one_frame``).
+
+    The control images are ``control_paths`` (``--control_image_path`` / ``--ci``), by default the start image (and
+    the end image for FLF2V); CLIP sees the start (and end) image, as in training where the cache holds the CLIP tokens
+    of the first (and last) control image.
+    """
+    check_one_frame_task(task, "--one_frame_inference")
+    img = load_image(first, width, height, "--image_path")
+    end = load_image(last, width, height, "--end_image_path") if last is not None else None
+    paths = list(control_paths) if control_paths else [first, *([last] if last is not None else [])]
+    controls = [load_image(cp, width, height, "--control_image_path")[None] for cp in paths]
+    y, _ = encode_one_frame(vae, controls, options)
+    return y[0].cpu(), _clip_condition(task, clip, img, end, device)
 
 
 def control_condition(

@@ -28,7 +28,8 @@ from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
 from musubi_tuner.wan.configs import TaskConfig, check_video_geometry
 from musubi_tuner.wan.generate.args import _cfg_skip_steps
-from musubi_tuner.wan.generate.conditions import control_condition, image_condition, load_video
+from musubi_tuner.wan.generate.conditions import control_condition, image_condition, load_video, one_frame_condition
+from musubi_tuner.wan.one_frame import check_one_frame_task, parse_one_frame_options
 from musubi_tuner.wan.pipeline import decode_latents, sample_latents
 from musubi_tuner.wan.vae import latent_frame_count
 
@@ -51,9 +52,14 @@ def _model_keys(path: str, expert: str | None) -> list[str]:
 
 
 def validate_job(job: Job) -> None:
-    """Per-job checks (sizes, frame count) before any model is loaded."""
+    """Per-job checks (sizes, frame count, one-frame options) before any model is loaded."""
     a = job.args
     check_video_geometry(a.task_config, int(a.width), int(a.height), int(a.video_length), where=job.location)
+    if a.one_frame_inference is not None:
+        check_one_frame_task(a.task_config, f"{job.location}: --of / --one_frame_inference")
+        parse_one_frame_options(a.one_frame_inference, f"{job.location}: --of / --one_frame_inference")
+    elif a.control_image_path:
+        raise UserError(f"{job.location}: control images (--ci / --control_image_path) need one-frame options (--of)")
 
 
 class WanGenerator:
@@ -123,6 +129,15 @@ class WanGenerator:
             return
         out: dict[str, Any] = {}
         w, h, f = int(a.width), int(a.height), int(a.video_length)
+        if a.one_frame_inference is not None:
+            if not a.image_path:
+                raise UserError(f"{job.location}: one-frame inference needs a start image (--image_path / --i)")
+            options = parse_one_frame_options(a.one_frame_inference, f"{job.location}: --of / --one_frame_inference")
+            y, clip_fea = one_frame_condition(
+                self.task, self._get_vae(), a.clip, a.image_path, a.end_image_path, a.control_image_path, options, w, h, self.device
+            )
+            self.conditions[job.index] = {"y": y, "clip_fea": clip_fea, "one_frame": options}
+            return
         if a.image_path:
             y, clip_fea, ti2v = image_condition(
                 self.task, self._get_vae(), a.clip, a.image_path, a.end_image_path, f, w, h, self.device
@@ -223,7 +238,9 @@ class WanGenerator:
         dits = self._dits()
         frames = int(a.video_length)
         s = task.vae_stride[1]
-        shape = (task.latent_channels, latent_frame_count(frames), int(a.height) // s, int(a.width) // s)
+        one_frame = cond.get("one_frame")
+        lat_frames = len(one_frame.frame_indices) if one_frame is not None else latent_frame_count(frames)
+        shape = (task.latent_channels, lat_frames, int(a.height) // s, int(a.width) // s)
         steps = int(a.infer_steps)
         start = 0
         if cond.get("init") is not None and a.denoise_strength is not None:
@@ -234,7 +251,9 @@ class WanGenerator:
         gplan = GuidancePlan.from_args(a, run_steps, float(a.guidance_scale))
         skip = _cfg_skip_steps(a.cfg_skip_mode, a.cfg_apply_ratio, run_steps)
         logger.info(
-            f"seed {job.seed}: {task.name} {a.width}x{a.height}, {frames} frame(s), {steps} steps ({a.sample_solver}), "
+            f"seed {job.seed}: {task.name} {a.width}x{a.height}, "
+            + (f"one frame at index {one_frame.target_index}" if one_frame is not None else f"{frames} frame(s)")
+            + f", {steps} steps ({a.sample_solver}), "
             f"guidance {a.guidance_scale:g}"
             + (f" / high {a.guidance_scale_high_noise:g}" if task.two_experts else "")
             + f", shift {a.flow_shift:g}"
@@ -309,7 +328,10 @@ class WanGenerator:
             step_callback=previewer,
             riflex_index=a.riflex_index,
             nag=(encoded["nag"], a.nag_scale, a.nag_tau, a.nag_alpha) if encoded.get("nag") is not None else None,
+            frame_indices=one_frame.frame_indices if one_frame is not None else None,
         )
+        if one_frame is not None:  # keep the generated frame only
+            latent = latent[:, one_frame.target_position : one_frame.target_position + 1]
         return latent
 
     # -- decode and save -------------------------------------------------------------------------------------------
@@ -332,6 +354,8 @@ class WanGenerator:
             "bt_fps": a.fps,
             "bt_image_path": Path(a.image_path).name if a.image_path else None,
             "bt_end_image_path": Path(a.end_image_path).name if a.end_image_path else None,
+            "bt_one_frame_inference": a.one_frame_inference,
+            "bt_control_image_path": ",".join(Path(p).name for p in a.control_image_path) if a.control_image_path else None,
             "bt_nag_scale": a.nag_scale,
             "bt_nag_tau": a.nag_tau if a.nag_scale is not None else None,
             "bt_nag_alpha": a.nag_alpha if a.nag_scale is not None else None,

@@ -52,18 +52,27 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_cos_sin(
-    grid: tuple[int, int, int], head_dim: int, device: torch.device, riflex_index: int = 0
+    grid: tuple[int, int, int],
+    head_dim: int,
+    device: torch.device,
+    riflex_index: int = 0,
+    time_positions: Sequence[int] | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin ``(1, L, 1, d/2)`` of the post-patch grid ``(F, H, W)``, row-major (f, h, w); angles in float64.
 
     ``riflex_index`` k > 0 replaces temporal frequency k − 1 by ``0.9·2π / F`` (RIFLEx, spec §10).
+    ``time_positions`` (F values): the RoPE time index of each frame instead of ``0..F−1`` (one-frame mode).
     """
     parts = []
     for axis, (n, ad) in enumerate(zip(grid, rope_axis_dims(head_dim))):
         freqs = 1.0 / torch.pow(10000.0, torch.arange(0, ad, 2, dtype=torch.float64, device=device) / ad)
         if axis == 0 and riflex_index > 0:
             freqs[riflex_index - 1] = 0.9 * 2.0 * math.pi / max(1, grid[0])
-        a = torch.arange(n, dtype=torch.float64, device=device)[:, None] * freqs[None]
+        if axis == 0 and time_positions is not None:
+            pos = torch.as_tensor(time_positions, device=device).to(torch.float64).reshape(-1)
+        else:
+            pos = torch.arange(n, dtype=torch.float64, device=device)
+        a = pos[:, None] * freqs[None]
         shape = [1, 1, 1, ad // 2]
         shape[axis] = n
         parts.append(a.view(shape).expand(*grid, ad // 2))
@@ -358,6 +367,29 @@ class WanModel(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
         ctx = torch.stack(padded).to(device=device, dtype=_input_dtype(self.text_embedding[0]))
         return self.text_embedding(ctx).to(self.compute_dtype)
 
+    def _rope(
+        self,
+        grid: tuple[int, int, int],
+        batch: int,
+        device: torch.device,
+        riflex_index: int,
+        frame_indices: Sequence[int] | torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin ``(1 or B, L, 1, d/2)``; with ``frame_indices`` the time axis uses those positions."""
+        head_dim = self.dim // self.num_heads
+        if frame_indices is None:
+            return rope_cos_sin(grid, head_dim, device, riflex_index)
+        idx = torch.as_tensor(frame_indices).long().cpu()
+        rows = idx.reshape(1, -1) if idx.dim() == 1 else idx
+        if rows.shape[1] != grid[0] or rows.shape[0] not in (1, batch):
+            raise ValueError(f"frame_indices {tuple(idx.shape)} do not fit {batch} samples of {grid[0]} latent frames")
+        if int(rows.min()) < 0 or int(rows.max()) >= MAX_ROPE_POS:
+            raise UserError(f"frame indices {rows.tolist()} must lie in 0..{MAX_ROPE_POS - 1} (RoPE positions)")
+        if rows.shape[0] > 1 and bool((rows == rows[:1]).all()):
+            rows = rows[:1]
+        parts = [rope_cos_sin(grid, head_dim, device, riflex_index, r) for r in rows]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     def forward(
         self,
         x: torch.Tensor,
@@ -369,6 +401,7 @@ class WanModel(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
         skip_block_indices: Sequence[int] | None = None,
         riflex_index: int = 0,
         nag: tuple[torch.Tensor | Sequence[torch.Tensor], float, float, float] | None = None,
+        frame_indices: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow.
 
@@ -381,6 +414,8 @@ class WanModel(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
             skip_block_indices: blocks to skip (skip-layer guidance).
             riflex_index: RIFLEx temporal frequency index (0 = off).
             nag: ``(negative text states, scale, tau, alpha)``: Normalized Attention Guidance in cross-attention.
+            frame_indices: one-frame mode: RoPE time index of each latent frame, ``(F,)`` for the batch or ``(B, F)``
+                per sample (``wan.one_frame``); default ``0..F−1``.
 
         Returns:
             ``(B, out_dim, F, H, W)`` in the compute dtype.
@@ -425,7 +460,7 @@ class WanModel(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
         nag_in = None
         if nag is not None:
             nag_in = (self.embed_text(nag[0], b, device), float(nag[1]), float(nag[2]), float(nag[3]))
-        rope = rope_cos_sin(grid, self.dim // self.num_heads, device, riflex_index)
+        rope = self._rope(grid, b, device, riflex_index, frame_indices)
         skip = set(skip_block_indices or ())
         for i, block in enumerate(self.blocks):
             self._before_block(0, i)
