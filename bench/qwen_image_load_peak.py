@@ -6,9 +6,9 @@ bytes of the final weights and their ratio (checklist target: <= 1.1x).
 
   dit_bf16      qwen_image.models.loading.load_dit, bf16 (released layout with the ComfyUI prefix)
   dit_fp8       the same with --fp8_scaled (block 64)
-  te_bf16       qwen_image.text_encoders.QwenVLEncoder (transformers from_pretrained), bf16; every weight is read
-                once after loading (transformers may leave tensors memory-mapped, not yet resident)
-  te_fp8        the same with --fp8_vl (Linear weights cast after loading)
+  te_bf16       qwen_image.text_encoders.QwenVLEncoder (streamed into a meta model), bf16; every weight is read
+                once after loading (a tensor may still be memory-mapped, not yet resident)
+  te_fp8        the same with --fp8_vl (Linear weights quantised while streaming)
 
     python bench/qwen_image_load_peak.py --dit_layers 2 --te_layers 1
 """
