@@ -149,8 +149,10 @@ def resolve_vl_source(name_or_path: str | os.PathLike, vl_processor: str | os.Pa
     if not src.local_files_only:
         from huggingface_hub import snapshot_download
 
-        try:
-            model_dir = Path(snapshot_download(src.model, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        try:  # configs and tokenizer files first: a pipeline repo's weights other than text_encoder/ are never fetched
+            model_dir = Path(snapshot_download(src.model, allow_patterns=["*.json", "*.txt"]))
+            weights = "text_encoder/*.safetensors" if (model_dir / "text_encoder" / "config.json").is_file() else "*.safetensors"
+            model_dir = Path(snapshot_download(src.model, allow_patterns=["*.json", "*.txt", weights]))
         except Exception as e:  # noqa: BLE001 - any hub failure is the user's id / network
             raise UserError(f"{src.model}: cannot download Qwen2.5-VL from the Hugging Face hub (--text_encoder): {e}") from None
         src = resolve_model_source(model_dir, subfolder="text_encoder", tokenizer_subfolder="tokenizer", flag="--text_encoder")
