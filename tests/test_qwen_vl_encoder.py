@@ -166,3 +166,12 @@ def test_one_image_pad_per_merged_patch(encoder):
     starts = [i for i, t in enumerate(ids) if t == 151652]
     assert [ids[s + 1 : s + 1 + n].count(151655) for s, n in zip(starts, per_image)] == per_image
     assert [ids[s + 1 + n] for s, n in zip(starts, per_image)] == [151653, 151653]
+
+
+def test_another_model_type_is_refused_by_name(qwen_bundle, tmp_path):
+    te = tmp_path / "qwen3"
+    shutil.copytree(qwen_bundle.text_encoder, te)
+    cfg = json.loads((te / "config.json").read_text())
+    (te / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen3"}))
+    with pytest.raises(UserError, match=r"--text_encoder is model_type 'qwen3'; Qwen-Image needs Qwen2.5-VL"):
+        QwenVLEncoder(te)

@@ -175,14 +175,14 @@ def load_qwen25vl(src: VLSource, *, dtype: torch.dtype, device: torch.device, fp
     """``Qwen2_5_VLForConditionalGeneration`` with the weights of ``src`` streamed in (``dtype``; fp8 Linears)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    if src.config.get("model_type") != "qwen2_5_vl":
+        raise UserError(
+            f"{src.weights}: --text_encoder is model_type {src.config.get('model_type')!r}; Qwen-Image needs Qwen2.5-VL"
+        )
     try:
         config = Qwen2_5_VLConfig(**src.config)
     except (TypeError, ValueError) as e:
         raise UserError(f"{src.weights}: invalid Qwen2.5-VL config (--text_encoder): {e}") from None
-    if config.model_type != "qwen2_5_vl":
-        raise UserError(
-            f"{src.weights}: --text_encoder is model_type {src.config.get('model_type')!r}, Qwen-Image needs Qwen2.5-VL"
-        )
     config._attn_implementation = "sdpa"
     config.dtype = dtype
     with torch.device("meta"):
