@@ -5,6 +5,7 @@ inpainting, and the true-CFG formula."""
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 from pathlib import Path
 
@@ -168,8 +169,9 @@ def test_vl_processor_needed_for_edit_and_found_offline(qi, tmp_path, capsys):
     argv[argv.index("--text_encoder") + 1] = str(te)
     assert run_cli(argv) == 2
     assert "--vl_processor" in capsys.readouterr().err
-    assert run_cli([*argv, "--vl_processor", str(bundle.text_encoder)]) == 0
-    assert len(pngs(tmp_path / "o")) == 1
+    assert run_cli([*argv, "--vl_processor", str(bundle.text_encoder), "--append_original_name", "--seed", "7"]) == 0
+    (png,) = pngs(tmp_path / "o")  # the reference's name: <time>_<seed>_<first control's name>_<batch index>.png
+    assert re.fullmatch(rf"\d{{8}}-\d{{6}}-\d{{3}}_7_{re.escape(controls[0].stem)}_000\.png", png.name)
 
 
 def test_interactive_edit_and_layered_auto_caption(qi, tmp_path):
@@ -202,7 +204,7 @@ def test_interactive_edit_and_layered_auto_caption(qi, tmp_path):
                 dit=bundle.dit_layered, vae=bundle.vae_layered)  # fmt: skip
     assert run_cli(argv) == 0
     layers = pngs(out)
-    assert [p.name.rsplit("_", 1)[-1] for p in layers] == ["layer0.png", "layer1.png"]
+    assert [re.sub(r"^\d{8}-\d{6}-\d{3}", "T", p.name) for p in layers] == ["T_layer0_4_000.png", "T_layer1_4_000.png"]
     assert Image.open(layers[0]).mode == "RGBA"
     assert read_metadata(layers[0])["bt_prompt"] not in ("", "<auto caption>")
 
@@ -227,10 +229,13 @@ def test_utf8_metadata_latent_output_and_decode(qi, tmp_path):
     assert md["bt_prompt"] == "一只猫 in the snow" and md["bt_model_version"] == "original"
     assert md["bt_lora_0"] == "lora.safetensors: 0.5" and md["bt_guidance_scale"] == "4.0"
     (latent,) = sorted(out.glob("*_latent.safetensors"))
+    assert re.fullmatch(r"\d{8}-\d{6}-\d{3}_9_000\.png", png.name)
+    assert re.fullmatch(r"\d{8}-\d{6}-\d{3}_9_latent\.safetensors", latent.name)
     dec = tmp_path / "dec"
     assert run_cli(["--vae", str(bundle.vae), "--text_encoder", str(bundle.text_encoder), "--latent_path", str(latent),
                     "--save_path", str(dec), "--device", "cpu", "--vae_dtype", "float32"]) == 0  # fmt: skip
-    (decoded,) = pngs(dec)
+    (decoded,) = pngs(dec)  # the reference appends the latent's name when decoding
+    assert re.fullmatch(rf"\d{{8}}-\d{{6}}-\d{{3}}_9_{re.escape(latent.stem)}_000\.png", decoded.name)
     assert np.array_equal(np.asarray(Image.open(decoded)), np.asarray(Image.open(png)))
 
 
@@ -287,5 +292,5 @@ def test_parse_args_rejections():
     assert "mutually exclusive" in bad("--edit", "--edit_plus", "--prompt", "p")
     assert "conflicts" in bad("--edit", "--model_version", "layered", "--prompt", "p")
     assert "layered" in bad("--automatic_prompt_lang_for_layered", "en", "--prompt", "p")
-    assert "--include_patterns" in bad("--prompt", "p", "--include_patterns", "x")
+    assert "no --lora_weight" in bad("--prompt", "p", "--include_patterns", "x")
     assert isinstance(setup_parser(), argparse.ArgumentParser)

@@ -230,11 +230,16 @@ def load_latent_file(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, s
     return obj, {}
 
 
-def output_stem(seed: int, now: float | None = None) -> str:
-    """``YYYYmmdd-HHMMSS-mmm_<seed>`` (local time, milliseconds)."""
+def time_flag(now: float | None = None) -> str:
+    """``YYYYmmdd-HHMMSS-mmm`` (local time, milliseconds): the time part of output file names."""
     now = time.time() if now is None else now
     ms = int((now - int(now)) * 1000)
-    return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{ms:03d}_{seed}"
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{ms:03d}"
+
+
+def output_stem(seed: int, now: float | None = None) -> str:
+    """``YYYYmmdd-HHMMSS-mmm_<seed>`` (local time, milliseconds)."""
+    return f"{time_flag(now)}_{seed}"
 
 
 def decoded_latent_stem(latent_path: str | os.PathLike) -> str:

@@ -18,9 +18,9 @@ from musubi_tuner.dataset.text_caching import TextItem, add_text_cache_args, cac
 from musubi_tuner.qwen_image.caching import encode_text_items
 from musubi_tuner.qwen_image.configs import ModelVersion, add_model_version_args, resolve_model_version
 from musubi_tuner.qwen_image.text_encoders import QwenVLEncoder
+from musubi_tuner.qwen_image.vl_loading import resolve_vl_source
 from musubi_tuner.utils.devices import resolve_device
 from musubi_tuner.utils.errors import cli_entry
-from musubi_tuner.utils.hf_sources import resolve_model_source
 from musubi_tuner.utils.log import get_logger
 
 logger = get_logger(__name__)
@@ -33,7 +33,12 @@ def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Cache Qwen-Image text-encoder outputs (Qwen2.5-VL) of a dataset")
     add_text_cache_args(p)
     q = p.add_argument_group("Qwen-Image")
-    q.add_argument("--text_encoder", type=str, required=True, help="Qwen2.5-VL-7B-Instruct: local HF / diffusers directory")
+    q.add_argument(
+        "--text_encoder",
+        type=str,
+        required=True,
+        help="Qwen2.5-VL-7B-Instruct: ComfyUI single file, or local HF / diffusers directory",
+    )
     q.add_argument("--fp8_vl", action="store_true", help="run Qwen2.5-VL with fp8 Linear weights (less memory)")
     q.add_argument(
         "--vl_processor",
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``qwen_image_cache_text_encoder_outputs.py``."""
     args = setup_parser().parse_args(argv)
     version = resolve_model_version(args)
-    resolve_model_source(args.text_encoder, subfolder="text_encoder", tokenizer_subfolder="tokenizer", flag="--text_encoder")
+    resolve_vl_source(args.text_encoder, args.vl_processor)  # a bad --text_encoder fails before the dataset is read
     run = TextEncoderRun(args, version)
     cache_text_encoder_outputs(args, architecture=version.short, encode=run, extra_metadata=template_metadata(version))
 

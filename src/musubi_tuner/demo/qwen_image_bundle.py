@@ -9,7 +9,8 @@
 - ``vae/``: a diffusers ``AutoencoderKLQwenImage`` directory; ``qwen_image_vae.safetensors`` the same weights as the
   ComfyUI single file (original Wan key layout); ``qwen_image_layered_vae.safetensors``: the RGBA Layered VAE
   (``input_channels=4``), same layout.
-- ``text_encoder/``: the tiny Qwen2.5-VL HF snapshot of the K5 bundle (tokenizer + ``preprocessor_config.json``).
+- ``text_encoder/``: a tiny Qwen2.5-VL HF snapshot with the release's vocabulary size and special-token ids
+  (``demo.qwen_image_vl``; tokenizer + ``preprocessor_config.json``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.demo.bundles import QWEN_HIDDEN, _seeded, _write_json, write_tiny_qwen25vl
+from musubi_tuner.demo.bundles import QWEN_HIDDEN, _seeded, _write_json
+from musubi_tuner.demo.qwen_image_vl import write_tiny_qwen_image_vl
 from musubi_tuner.qwen_image.models.loading import DIT_CONFIG_METADATA_KEY
 from musubi_tuner.qwen_image.vae import VAE_CONFIG_METADATA_KEY
 from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
@@ -32,7 +34,7 @@ from musubi_tuner.utils.log import get_logger
 
 logger = get_logger(__name__)
 
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
 MANIFEST = "bundle.json"
 
 TINY_DIT_CONFIG: dict[str, Any] = {
@@ -181,7 +183,7 @@ def write_qwen_image_bundle(out_dir: str | os.PathLike, *, seed: int = 0, overwr
     try:
         write_tiny_dit(tmp / "dit", seed)
         write_tiny_vae(tmp, seed + 1)
-        write_tiny_qwen25vl(tmp / "text_encoder", seed + 3)
+        write_tiny_qwen_image_vl(tmp / "text_encoder", seed + 3)
         paths = {
             "dit": "dit/qwen_image_tiny.safetensors",
             "dit_layered": "dit/qwen_image_layered_tiny.safetensors",

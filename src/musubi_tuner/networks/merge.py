@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +70,45 @@ def load_adapter(path: str | os.PathLike, multiplier: float = 1.0) -> Adapter:
     return Adapter(str(path), multiplier, modules, metadata, detect_adapter_architecture(sd.keys(), metadata))
 
 
-def load_adapters(paths: Sequence[str | os.PathLike], multipliers: Sequence[float] | None = None) -> list[Adapter]:
-    """``load_adapter`` for each path with its (padded) multiplier."""
-    return [load_adapter(p, m) for p, m in zip(paths, pad_multipliers(len(paths), multipliers), strict=True)]
+def per_adapter_patterns(n: int, patterns: Sequence[str | None] | None, flag: str) -> list[re.Pattern | None]:
+    """Pattern i applies to adapter i (missing ones: no filter), compiled; a bad regex is a ``UserError``."""
+    pats = list(patterns or [])
+    if len(pats) > n:
+        raise UserError(f"{flag} has {len(pats)} patterns for {n} LoRA file(s) (one regex per --lora_weight)")
+    out: list[re.Pattern | None] = []
+    for p in pats + [None] * (n - len(pats)):
+        try:
+            out.append(None if p is None else re.compile(p))
+        except re.error as e:
+            raise UserError(f"{flag}: {p!r} is not a valid regular expression: {e}") from None
+    return out
+
+
+def filter_adapter(adapter: Adapter, include: re.Pattern | None, exclude: re.Pattern | None) -> Adapter:
+    """Generator ``--include_patterns`` / ``--exclude_patterns`` for one adapter (upstream semantics): keep the modules
+    whose name an include regex finds (``re.search``), then drop those an exclude regex finds."""
+    if include is None and exclude is None:
+        return adapter
+    kept = {
+        name: m
+        for name, m in adapter.modules.items()
+        if (include is None or include.search(name)) and (exclude is None or not exclude.search(name))
+    }
+    logger.info("%s: %d of %d LoRA modules kept by the include/exclude patterns", adapter.source, len(kept), len(adapter.modules))
+    return Adapter(adapter.source, adapter.multiplier, kept, adapter.metadata, adapter.architecture)
+
+
+def load_adapters(
+    paths: Sequence[str | os.PathLike],
+    multipliers: Sequence[float] | None = None,
+    include_patterns: Sequence[str | None] | None = None,
+    exclude_patterns: Sequence[str | None] | None = None,
+) -> list[Adapter]:
+    """``load_adapter`` for each path with its (padded) multiplier, filtered by its include / exclude pattern."""
+    includes = per_adapter_patterns(len(paths), include_patterns, "--include_patterns")
+    excludes = per_adapter_patterns(len(paths), exclude_patterns, "--exclude_patterns")
+    mults = pad_multipliers(len(paths), multipliers)
+    return [filter_adapter(load_adapter(p, m), inc, exc) for p, m, inc, exc in zip(paths, mults, includes, excludes, strict=True)]
 
 
 class TargetIndex:
@@ -199,9 +236,14 @@ def build_lora_delta_hook(
     multipliers: Sequence[float] | None,
     model_keys: Iterable[str],
     target_name: str = "the model",
+    include_patterns: Sequence[str | None] | None = None,
+    exclude_patterns: Sequence[str | None] | None = None,
 ) -> LoraDeltaSet:
-    """The ``lora_deltas`` hook for ``load_weights_into_model``: LoRAs merged while loading, before any fp8 step."""
-    return LoraDeltaSet(load_adapters(lora_paths, multipliers), model_keys, target_name)
+    """The ``lora_deltas`` hook for ``load_weights_into_model``: LoRAs merged while loading, before any fp8 step.
+
+    ``include_patterns`` / ``exclude_patterns``: one regex per LoRA (``filter_adapter``)."""
+    adapters = load_adapters(lora_paths, multipliers, include_patterns, exclude_patterns)
+    return LoraDeltaSet(adapters, model_keys, target_name)
 
 
 def merge_lora_into_state_dict(
@@ -257,14 +299,17 @@ def merge_lora_files(
     device: torch.device | str = "cpu",
     architecture: str | None = None,
     progress: bool = True,
+    include_patterns: Sequence[str | None] | None = None,
+    exclude_patterns: Sequence[str | None] | None = None,
 ) -> MergeReport:
     """Stream ``base`` (file, shards, index or directory) into ``output`` with the adapters merged.
 
     ``save_dtype`` converts high-precision float tensors (fp8 weights and their scales are kept as fp8 + scale).
     ``architecture`` (a family name such as ``kandinsky5``) must then match the checkpoint and every adapter.
-    Peak memory: the adapters plus about one base tensor.
+    Peak memory: the adapters plus about one base tensor. ``include_patterns`` / ``exclude_patterns``: as
+    ``filter_adapter``, one regex per adapter.
     """
-    adapters = load_adapters(lora_paths, multipliers)
+    adapters = load_adapters(lora_paths, multipliers, include_patterns, exclude_patterns)
     out_path = Path(output)
     with open_weights(base) as reader:
         keys = reader.keys()

@@ -26,8 +26,9 @@ from musubi_tuner.qwen_image.configs import (
     T2I_DROP_TOKENS,
     ModelVersion,
 )
+from musubi_tuner.qwen_image.vl_loading import load_qwen25vl, resolve_vl_source
 from musubi_tuner.utils.errors import UserError
-from musubi_tuner.utils.hf_sources import find_processor_dir, resolve_model_source
+from musubi_tuner.utils.hf_sources import find_processor_dir
 from musubi_tuner.utils.log import get_logger
 
 logger = get_logger(__name__)
@@ -44,7 +45,6 @@ EDIT_SYSTEM = (
 VISION_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 _REAL_VOCAB_MIN = 151643
-FP8_VL_EXCLUDES: tuple[str, ...] = ("visual", "embed", "norm", "lm_head")
 _CAPTION_VERSION = MODEL_VERSIONS["edit-2509"]  # the VL image size used for captions (about 384² pixels)
 CAPTION_INSTRUCTIONS = {
     "en": "Describe this image in one detailed paragraph: the objects, their colours, positions and the background.",
@@ -90,26 +90,18 @@ class QwenVLEncoder:
         fp8_vl: bool = False,
         vl_processor: str | os.PathLike | None = None,
     ) -> None:
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoTokenizer
 
-        src = resolve_model_source(name_or_path, subfolder="text_encoder", tokenizer_subfolder="tokenizer", flag="--text_encoder")
+        src = resolve_vl_source(name_or_path, vl_processor)
         self.source = src
         self.device = torch.device(device)
         self.vl_processor_path = vl_processor
-        logger.info("loading Qwen2.5-VL from %s", src.model)
+        logger.info("loading Qwen2.5-VL from %s%s", src.weights, " (fp8)" if fp8_vl else "")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(src.tokenizer, local_files_only=src.local_files_only)
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                src.model, dtype=dtype, local_files_only=src.local_files_only
-            )
+            self.tokenizer = AutoTokenizer.from_pretrained(str(src.tokenizer), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise UserError(f"{name_or_path}: cannot load Qwen2.5-VL (--text_encoder): {e}") from None
-        self.model = model.to(self.device).eval().requires_grad_(False)
-        if fp8_vl:
-            from musubi_tuner.modules.fp8_optimization import cast_to_fp8_base
-
-            names = cast_to_fp8_base(self.model, excludes=FP8_VL_EXCLUDES)
-            logger.info("--fp8_vl: %d Qwen2.5-VL Linear weights in fp8", len(names))
+            raise UserError(f"{src.tokenizer}: cannot load the Qwen2.5-VL tokenizer: {e}") from None
+        self.model = load_qwen25vl(src, dtype=dtype, device=self.device, fp8=fp8_vl)
         self._processor: Any = None
         self._drop: dict[bool, int] = {}
 
@@ -128,14 +120,11 @@ class QwenVLEncoder:
         if self._processor is None:
             from transformers import AutoImageProcessor
 
-            root = self.source.root
-            cands = [self.vl_processor_path] if self.vl_processor_path else []
-            cands += [self.source.tokenizer, self.source.model, root, os.path.join(root, "processor")]
-            found = find_processor_dir([c for c in cands if c])
+            found = find_processor_dir(list(self.source.processor_dirs))
             if found is None:
-                where = self.vl_processor_path or self.source.root
+                where = ", ".join(str(d) for d in self.source.processor_dirs)
                 raise UserError(
-                    f"{where}: no preprocessor_config.json for the Qwen2.5-VL processor (edit models and layered captioning "
+                    f"no preprocessor_config.json for the Qwen2.5-VL processor in {where} (edit models and layered captioning "
                     "need it); pass the processor directory (e.g. Qwen-Image-Edit's processor/ folder) with --vl_processor"
                 )
             try:
@@ -198,7 +187,8 @@ class QwenVLEncoder:
         texts = [format_prompt(p, version, len(images[i]) if images else 0) for i, p in enumerate(prompts)]
         inputs = self._inputs(texts, images if version.is_edit else None, version)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        hidden = self.model(**inputs, output_hidden_states=True, return_dict=True).hidden_states[-1]
+        out = self.model(**inputs, output_hidden_states=True, return_dict=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1]
         drop = self.drop_tokens(version)
         out = []
         for i in range(hidden.shape[0]):
@@ -209,6 +199,11 @@ class QwenVLEncoder:
     @torch.no_grad()
     def caption(self, image: Any, lang: str, max_new_tokens: int = 256) -> str:
         """A caption of ``image`` written by Qwen2.5-VL (Layered ``--automatic_prompt_lang_for_layered en|cn``)."""
+        if not getattr(self.model, "has_lm_head", True):
+            raise UserError(
+                f"{self.source.weights}: this Qwen2.5-VL file has no lm_head.weight, so it cannot write captions "
+                "(--automatic_prompt_lang_for_layered); pass a prompt or the full model"
+            )
         instruction = CAPTION_INSTRUCTIONS[lang]
         text = f"<|im_start|>user\n{VISION_TOKENS}{instruction}<|im_end|>\n<|im_start|>assistant\n"
         inputs = self._inputs([text], [[image]], _CAPTION_VERSION)

@@ -77,3 +77,26 @@ def find_processor_dir(candidates: list[str | os.PathLike]) -> Path | None:
         if (p / "preprocessor_config.json").is_file():
             return p
     return None
+
+
+def single_file_tokenizer(weights: Path, tokenizer: str | None, flag: str) -> Path:
+    """The tokenizer directory for a single-file text encoder ``weights`` (a ComfyUI-style ``.safetensors``).
+
+    Looked for, in order: ``tokenizer`` (the directory the user passed with ``flag``), the file's folder, and
+    ``<folder>/tokenizer``. A ``UserError`` names every place looked at and what to pass.
+    """
+    weights = Path(weights)
+    folder = weights.parent
+    candidates = [Path(tokenizer).expanduser()] if tokenizer else []
+    candidates += [folder, folder / "tokenizer"]
+    if tokenizer and not candidates[0].is_dir():
+        raise UserError(f"{candidates[0]}: tokenizer directory not found ({flag})")
+    for cand in candidates:
+        if has_tokenizer_files(cand):
+            return cand
+    where = ", ".join(str(c) for c in candidates)
+    wanted = ", ".join(" + ".join(names) for names in TOKENIZER_FILES)
+    raise UserError(
+        f"{weights}: a single-file text encoder needs its tokenizer; none of {wanted} found in {where}. "
+        f"Pass the tokenizer directory with {flag} (e.g. the model's Hugging Face tokenizer/ or processor/ folder)"
+    )

@@ -44,7 +44,12 @@ def setup_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--vae_enable_tiling", action="store_true", help="tiled VAE decoding (less memory)")
     m.add_argument("--vae_dtype", type=str, default="bfloat16", choices=DTYPE_CHOICES, help="VAE dtype (bfloat16)")
-    m.add_argument("--text_encoder", type=str, required=True, help="Qwen2.5-VL-7B-Instruct: local HF or diffusers directory")
+    m.add_argument(
+        "--text_encoder",
+        type=str,
+        required=True,
+        help="Qwen2.5-VL-7B-Instruct: ComfyUI single file, or local HF / diffusers directory",
+    )
     m.add_argument(
         "--vl_processor", type=str, default=None, help="local Qwen2.5-VL processor dir (default: next to --text_encoder)"
     )
@@ -65,8 +70,20 @@ def setup_parser() -> argparse.ArgumentParser:
     m.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned host memory for block swap")
     m.add_argument("--lora_weight", type=str, nargs="*", default=None, help="LoRA files merged into the DiT while it loads")
     m.add_argument("--lora_multiplier", type=float, nargs="*", default=None, help="one multiplier per LoRA (default 1.0)")
-    m.add_argument("--include_patterns", type=str, nargs="*", default=None, help="refused: LoRAs are applied whole")
-    m.add_argument("--exclude_patterns", type=str, nargs="*", default=None, help="refused: LoRAs are applied whole")
+    m.add_argument(
+        "--include_patterns",
+        type=str,
+        nargs="*",
+        default=None,
+        help="per LoRA: a regex; only its modules whose name it finds apply",
+    )
+    m.add_argument(
+        "--exclude_patterns",
+        type=str,
+        nargs="*",
+        default=None,
+        help="per LoRA: a regex; its modules whose name it finds are skipped",
+    )
     m.add_argument("--save_merged_model", type=str, default=None, help="write the DiT with the LoRAs merged to this file and exit")
     m.add_argument("--lycoris", action="store_true", help="accepted: LoHa/LoKr files are recognised without the LyCORIS package")
 
@@ -138,10 +155,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_output_type(args.output_type, OUTPUT_TYPES)
     if args.embedded_cfg_scale is not None:
         logger.warning("--embedded_cfg_scale has no effect: Qwen-Image has no embedded guidance (use --guidance_scale)")
-    if args.include_patterns or args.exclude_patterns:
-        raise UserError("--include_patterns / --exclude_patterns are not supported here: LoRAs are merged whole while loading")
+    from musubi_tuner.networks.merge import per_adapter_patterns
+
+    for flag, pats in (("--include_patterns", args.include_patterns), ("--exclude_patterns", args.exclude_patterns)):
+        if pats and not args.lora_weight:
+            raise UserError(f"{flag} filters the modules of --lora_weight files, but no --lora_weight was given")
+        per_adapter_patterns(len(args.lora_weight or ()), pats, flag)  # count and regex syntax, before any model loads
     if args.lycoris:
-        logger.info("--lycoris: LoHa / LoKr files are recognised directly; the LyCORIS package is not needed")
+        logger.info("--lycoris: nothing to do, LoHa / LoKr files load without it (no LyCORIS package needed)")
     if args.disable_numpy_memmap:
         logger.info("--disable_numpy_memmap: nothing to do, the streaming loader never memory-maps")
     if args.fp8 and args.fp8_scaled:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from blissful_tuner.generation_loop import Job
 from blissful_tuner.guidance import GuidancePlan
 from blissful_tuner.latent_preview import WAN21_RGB, LatentPreviewer, load_preview_decoder
-from blissful_tuner.media_output import output_stem, save_latent, save_png, save_rgba_png, unique_path
+from blissful_tuner.media_output import output_stem, save_latent, save_png, save_rgba_png, time_flag, unique_path
 from blissful_tuner.metadata import prepare_metadata
 from blissful_tuner.seeds import make_generator
 from blissful_tuner.utils import compile_kwargs
@@ -134,7 +135,14 @@ class QwenImageGenerator:
         self.free_text_encoder()
         hook = None
         if a.lora_weight:
-            hook = build_lora_delta_hook(a.lora_weight, a.lora_multiplier, model_keys(a.dit), target_name=str(a.dit))
+            hook = build_lora_delta_hook(
+                a.lora_weight,
+                a.lora_multiplier,
+                model_keys(a.dit),
+                target_name=str(a.dit),
+                include_patterns=a.include_patterns,
+                exclude_patterns=a.exclude_patterns,
+            )
         swap = a.blocks_to_swap > 0
         dit = load_dit(
             self.version,
@@ -271,54 +279,79 @@ class QwenImageGenerator:
             self._park_vae()
         return ((pixels + 1) / 2).clamp(0, 1).reshape(b, f, *pixels.shape[1:])
 
-    def stem(self, job: Job) -> str:
-        stem = output_stem(job.seed)
+    def output_names(self, job: Job) -> OutputNames:
+        """The reference generator's file names for a job (``--append_original_name``: the first control image's)."""
         controls = controls_of(job)
-        if self.args.append_original_name and controls:
-            stem += "_" + Path(controls[0]).stem
-        return stem
+        original = Path(controls[0]).stem if self.args.append_original_name and controls else None
+        return OutputNames(time_flag(), job.seed, original)
 
     def decode_save(self, job: Job, latent: torch.Tensor) -> list[Path]:
         """Decode (unless only the latent is wanted) and write the job's files."""
         a = job.args
         out = Path(a.save_path)
         out.mkdir(parents=True, exist_ok=True)
-        stem = self.stem(job)
+        names = self.output_names(job)
         md = self.metadata(job)
         written: list[Path] = []
         if a.output_type in ("latent", "latent_images"):
-            written.append(save_latent(latent, unique_path(out / f"{stem}_latent.safetensors"), md))
+            written.append(save_latent(latent, unique_path(out / names.latent()), md))
         if a.output_type in ("images", "latent_images"):
-            written += self.save_images(self.decode(latent), out, stem, md)
+            written += self.save_images(self.decode(latent), out, names, md)
         for p in written:
             logger.info(f"saved {p}")
         return written
 
-    def save_images(self, images: torch.Tensor, out: Path, stem: str, md: dict[str, str] | None) -> list[Path]:
+    def save_images(self, images: torch.Tensor, out: Path, names: OutputNames, md: dict[str, str] | None) -> list[Path]:
         """``(B, F, C, H, W)`` → PNGs; Layered: the composite frame is dropped, one RGBA PNG per layer."""
         written = []
         for b in range(images.shape[0]):
-            name = stem if images.shape[0] == 1 else f"{stem}_{b}"
             if self.version.is_layered:
                 for i, frame in enumerate(images[b, 1:]):
-                    written.append(save_rgba_png(frame, unique_path(out / f"{name}_layer{i}.png"), md))
+                    written.append(save_rgba_png(frame, unique_path(out / names.image(b, layer=i)), md))
             else:
-                written.append(save_png(images[b, 0, :3], unique_path(out / f"{name}.png"), md))
+                written.append(save_png(images[b, 0, :3], unique_path(out / names.image(b)), md))
         return written
+
+
+@dataclass(frozen=True)
+class OutputNames:
+    """File names as the reference generator writes them (specs/qwen_image.md §9 "Files"):
+    ``<time>[_layerN]_<seed>[_<original>]_<batch:03d>.png`` and ``<time>_<seed>_latent[_<original>].safetensors``."""
+
+    time: str
+    seed: int | str
+    original: str | None = None
+
+    def _orig(self) -> str:
+        return f"_{self.original}" if self.original else ""
+
+    def image(self, batch_index: int, layer: int | None = None) -> str:
+        layer_part = "" if layer is None else f"_layer{layer}"
+        return f"{self.time}{layer_part}_{self.seed}{self._orig()}_{batch_index:03d}.png"
+
+    def latent(self) -> str:
+        return f"{self.time}_{self.seed}_latent{self._orig()}.safetensors"
 
 
 def save_merged_model(args: argparse.Namespace) -> list[Path]:
     """``--save_merged_model FILE``: stream ``--dit`` into FILE with the LoRAs merged (then exit)."""
     from musubi_tuner.networks.merge import merge_lora_files
 
-    report = merge_lora_files(args.dit, args.lora_weight, args.save_merged_model, args.lora_multiplier)
+    report = merge_lora_files(
+        args.dit,
+        args.lora_weight,
+        args.save_merged_model,
+        args.lora_multiplier,
+        include_patterns=args.include_patterns,
+        exclude_patterns=args.exclude_patterns,
+    )
     logger.info(f"saved merged model {args.save_merged_model} ({report})")
     return [Path(args.save_merged_model)]
 
 
 def decode_saved_latents(args: argparse.Namespace) -> list[Path]:
-    """``--latent_path F…``: decode saved latents (their own metadata kept); outputs named after the latent."""
-    from blissful_tuner.media_output import decoded_latent_stem, load_latent_file
+    """``--latent_path F…``: decode saved latents (their own metadata kept); ``<time>_<seed>_<latent name>_000.png``."""
+    from blissful_tuner.media_output import load_latent_file
 
     gen = QwenImageGenerator(args)
     written: list[Path] = []
@@ -330,9 +363,10 @@ def decode_saved_latents(args: argparse.Namespace) -> list[Path]:
             raise UserError(f"{path}: expected a Qwen-Image latent (B, 16, F, h, w), got {tuple(latent.shape)}")
         out = Path(args.save_path)
         out.mkdir(parents=True, exist_ok=True)
-        stem = decoded_latent_stem(path)
+        seed = md.get("bt_seeds", "").split(",")[0].strip() or "0"
+        names = OutputNames(time_flag(), seed, Path(path).stem)  # as the reference: the latent's name appended
         meta = None if args.no_metadata else {k: v for k, v in md.items() if k.startswith("bt_")}
-        files = gen.save_images(gen.decode(latent.float()), out, stem, meta)
+        files = gen.save_images(gen.decode(latent.float()), out, names, meta)
         for p in files:
             logger.info(f"saved {p}")
         written += files
