@@ -21,13 +21,16 @@ import torch
 from musubi_tuner.networks.formats import (
     LOHA,
     LOKR,
+    LORA,
     MAX_EXAMPLES,
     PEFT,
+    AdapterModule,
     add_hashes,
     detect_adapter_architecture,
     fold_alpha,
     parse_adapter_state_dict,
     strip_dotted_prefix,
+    with_peft_alphas,
 )
 from musubi_tuner.utils.errors import UserError
 
@@ -157,10 +160,22 @@ class DiffusersRenames:
     blocks: tuple[tuple[str, str, dict[str, tuple[str, ...]]], ...]
 
     def targets(self, path: str) -> tuple[str, ...] | None:
+        """The diffusers module path(s) of the official module ``path``, or None."""
         for official, diffusers, members in self.blocks:
             m = re.fullmatch(re.escape(official) + r"\.(\d+)\.(.+)", path)
             if m and m[2] in members:
                 return tuple(f"{diffusers}.{m[1]}.{d}" for d in members[m[2]])
+        return None
+
+    def source(self, path: str) -> tuple[str, int, int] | None:
+        """``(official path, part index, number of parts)`` of the diffusers module ``path``, or None."""
+        for official, diffusers, members in self.blocks:
+            m = re.fullmatch(re.escape(diffusers) + r"\.(\d+)\.(.+)", path)
+            if not m:
+                continue
+            for member, parts in members.items():
+                if m[2] in parts:
+                    return f"{official}.{m[1]}.{member}", parts.index(m[2]), len(parts)
         return None
 
 
@@ -211,6 +226,79 @@ def to_diffusers(
     return out
 
 
+def _factors(m: AdapterModule, source: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(down, up, alpha/rank)`` of a single-pair LoRA or PEFT module; ``UserError`` for anything else."""
+    t = m.tensors
+    if m.kind == PEFT:
+        down, up = t["lora_A.weight"], t["lora_B.weight"]
+    elif m.kind == LORA and "lora_down.weight" in t:
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+    else:
+        raise UserError(f"{source}: module {m.name!r} is split from a fused layer but is not a plain LoRA; cannot fuse it")
+    alpha = m.alpha
+    return down, up, (alpha / down.shape[0]) if alpha else 1.0
+
+
+def _fuse(path: str, parts: dict[int, AdapterModule], n: int, source: str) -> dict[str, torch.Tensor]:
+    """One LoRA for a fused Linear from LoRAs on its ``n`` equal row slices (missing slices: zero ΔW).
+
+    ΔW = B·A, so slice i contributes ``B_i·A_i`` to rows i: stacking the ``A_i`` and placing the ``B_i`` block-diagonally
+    gives the fused ΔW exactly, with rank Σ r_i (alpha/r of each part folded into its ``B_i``; alpha = rank). When all
+    parts share one ``A`` and one scale (what ``to_diffusers`` writes), ``A`` is kept and the ``B_i`` concatenated:
+    rank r, alpha unchanged — the exact inverse of the split.
+    """
+    factors = {i: _factors(m, source) for i, m in sorted(parts.items())}
+    rows = {up.shape[0] for _, up, _ in factors.values()}
+    cols = {down.shape[1:] for down, _, _ in factors.values()}
+    if len(rows) != 1 or len(cols) != 1:
+        shapes = {parts[i].name: (list(u.shape), list(d.shape)) for i, (d, u, _) in factors.items()}
+        raise UserError(f"{source}: the parts of {path!r} have different shapes (lora_B, lora_A): {shapes}")
+    (r_out,) = rows
+    first_down, _, first_scale = factors[min(factors)]
+    dtype = first_down.dtype
+    if len(factors) == n and all(torch.equal(d, first_down) and s == first_scale for d, _, s in factors.values()):
+        alpha = parts[min(parts)].alpha or float(first_down.shape[0])
+        up = torch.cat([u for _, u, _ in factors.values()], dim=0)
+        return {"lora_down.weight": first_down, "lora_up.weight": up.to(dtype), "alpha": torch.tensor(alpha)}
+    rank = sum(d.shape[0] for d, _, _ in factors.values())
+    up = torch.zeros(n * r_out, rank, *first_down.shape[2:], dtype=torch.float32)
+    col = 0
+    for i, (d, u, s) in factors.items():
+        up[i * r_out : (i + 1) * r_out, col : col + d.shape[0]] = u.float() * s
+        col += d.shape[0]
+    down = torch.cat([d for d, _, _ in factors.values()], dim=0)
+    return {"lora_down.weight": down, "lora_up.weight": up.to(dtype), "alpha": torch.tensor(float(rank))}
+
+
+def official_modules(modules: Mapping[str, AdapterModule], arch: str, source: str) -> dict[str, AdapterModule]:
+    """Adapter modules with diffusers module names of ``arch`` renamed to official paths, split layers fused.
+
+    Other modules (kohya or official dotted names) are returned unchanged. Names are looked up in
+    ``DIFFUSERS_RENAMES`` (the model's own module list), never guessed.
+    """
+    renames = DIFFUSERS_RENAMES.get(arch)
+    if renames is None:
+        return dict(modules)
+    out: dict[str, AdapterModule] = {}
+    groups: dict[str, tuple[int, dict[int, AdapterModule]]] = {}
+    for name, module in modules.items():
+        found = renames.source(strip_dotted_prefix(name)) if module.is_dotted else None
+        if found is None:
+            out[name] = module
+            continue
+        path, part, n = found
+        _, parts = groups.setdefault(path, (n, {}))
+        if part in parts:
+            raise UserError(f"{source}: {path!r} is adapted twice ({parts[part].name!r} and {name!r})")
+        parts[part] = module
+    for path, (n, parts) in groups.items():
+        if path in out:
+            raise UserError(f"{source}: module {path!r} appears under its official and its diffusers name")
+        tensors = dict(parts[0].tensors) if n == 1 else _fuse(path, parts, n, source)
+        out[path] = AdapterModule(path, tensors)
+    return out
+
+
 def name_table(arch: str) -> NameTable:
     """The table of ``arch``; ``UserError`` listing the known ones."""
     if arch not in NAME_TABLES:
@@ -222,7 +310,7 @@ def _canonical(sd: Mapping[str, torch.Tensor], table: NameTable, source: str) ->
     """Dotted path → tensors with kohya/LyCORIS suffixes (PEFT ``lora_A/B`` renamed, alpha = rank added)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
-    for name, module in parse_adapter_state_dict(sd, source).items():
+    for name, module in official_modules(parse_adapter_state_dict(sd, source), table.arch, source).items():
         path = strip_dotted_prefix(name) if module.is_dotted else table.to_dotted(name)
         if path is None or not table.is_module(path):
             unknown.append(name)
@@ -295,6 +383,7 @@ def convert_file_tensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Convert a loaded adapter file; returns ``(tensors, metadata)`` ready to save."""
     md = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
+    sd = with_peft_alphas(sd, metadata, source)
     if target == "default":
         out = to_default(sd, arch, source)
         return out, add_hashes(out, md)

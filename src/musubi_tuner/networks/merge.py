@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.modules.fp8_optimization import SCALE_SUFFIX, is_fp8_dtype
+from musubi_tuner.networks.convert import official_modules
 from musubi_tuner.networks.formats import (
     MAX_EXAMPLES,
     AdapterModule,
@@ -27,6 +28,7 @@ from musubi_tuner.networks.formats import (
     detect_checkpoint_architecture,
     parse_adapter_state_dict,
     strip_dotted_prefix,
+    with_peft_alphas,
 )
 from musubi_tuner.networks.stream_writer import StreamingSafetensorsWriter
 from musubi_tuner.networks.weight_merge import merge_delta_into_weight
@@ -63,6 +65,7 @@ def load_adapter(path: str | os.PathLike, multiplier: float = 1.0) -> Adapter:
     with open_weights(path) as reader:
         sd = {k: reader.get_tensor(k) for k in reader.keys()}
         metadata = reader.metadata()
+    sd = with_peft_alphas(sd, metadata, str(path))
     modules = parse_adapter_state_dict(sd, str(path))
     if not modules:
         raise UserError(f"{path}: no LoRA/LoHa/LoKr tensors in the file")
@@ -125,7 +128,9 @@ class LoraDeltaSet:
                     f"{adapter.source} is a LoRA for {adapter.architecture}, but {target_name} is a {ckpt_arch} checkpoint"
                 )
             unmatched = []
-            for name, module in adapter.modules.items():
+            # diffusers-named modules (split q/k/v ...) → the official modules of this checkpoint
+            modules = official_modules(adapter.modules, ckpt_arch, adapter.source) if ckpt_arch else adapter.modules
+            for name, module in modules.items():
                 key = index.resolve(name)
                 if key is None:
                     unmatched.append(name)
@@ -134,10 +139,10 @@ class LoraDeltaSet:
             if unmatched:
                 hint = f" (the LoRA looks like {adapter.architecture})" if adapter.architecture else ""
                 raise UserError(
-                    f"{adapter.source}: {len(unmatched)} of {len(adapter.modules)} LoRA modules match no weight of "
+                    f"{adapter.source}: {len(unmatched)} of {len(modules)} LoRA modules match no weight of "
                     f"{target_name}{hint}, e.g. {unmatched[:MAX_EXAMPLES]}"
                 )
-            logger.info(f"{adapter.source}: {len(adapter.modules)} modules x {adapter.multiplier}")
+            logger.info(f"{adapter.source}: {len(modules)} modules x {adapter.multiplier}")
         if shapes is not None:
             for key in self.by_key:
                 self._check_shape(key, tuple(shapes[key]))
