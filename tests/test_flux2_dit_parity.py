@@ -119,12 +119,31 @@ def test_version_table_parameter_counts():
     assert not MODEL_VERSIONS["klein-9b"].guidance_embed and MODEL_VERSIONS["dev"].guidance_embed
 
 
-def test_block_swap_split():
+def _spec_split(n, d, s):
+    """musubi-tuner's FLUX.2 split, written out independently: one double block = two single blocks, each list the
+    same share, the excess of the double list traded 1 : 2 into the single list; None when it does not fit."""
+    double = round(n / (1 + (s / d) / 2))
+    single = round(double * s / d) or (1 if double == 0 else 0)
+    while double > d - 2:
+        double, single = double - 1, single + 2
+    return (double, single) if single <= s - 2 else None
+
+
+@pytest.mark.parametrize(("version", "documented_max"), [("dev", 29), ("klein-4b", 13), ("klein-9b", 16)])
+def test_block_swap_split_matches_the_documented_maximum(version, documented_max):
+    """specs/flux2.md §9: with fp8 the maximum --blocks_to_swap is dev 29, klein-4b 13, klein-9b 16."""
+    from musubi_tuner.flux_2.models.dit import max_blocks_to_swap
+
     with torch.device("meta"):
-        dev = Flux2(**dit_params_for("dev"))
-    assert dev._split_blocks_to_swap(29, training=True) == [6, 46]  # documented maximum for dev
-    assert dev._split_blocks_to_swap(4, training=True) == [2, 4]
-    assert dev._split_blocks_to_swap(0) == [0, 0]
+        dit = Flux2(**dit_params_for(version))
+    d, s = len(dit.double_blocks), len(dit.single_blocks)
+    assert max_blocks_to_swap(d, s, keep=2) == documented_max
+    assert _spec_split(documented_max, d, s) is not None and _spec_split(documented_max + 1, d, s) is None
+    for n in range(1, documented_max + 1):
+        assert tuple(dit._split_blocks_to_swap(n, training=True)) == _spec_split(n, d, s), n
+    # more than the maximum swaps the maximum's blocks
+    assert dit._split_blocks_to_swap(documented_max + 5, training=True) == dit._split_blocks_to_swap(documented_max, training=True)
+    assert dit._split_blocks_to_swap(0) == [0, 0]
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
@@ -194,8 +213,8 @@ def test_block_swap_and_checkpointing_keep_outputs_and_grads():
     ref.load_state_dict(random_official(ref, 3))
     other = Flux2(**cfg, guidance_embed=True)
     other.load_state_dict(ref.state_dict())
-    assert other._split_blocks_to_swap(5, training=True) == [2, 4]
-    other.enable_block_swap(5, BlockSwapConfig(torch.device("cpu"), supports_backward=True))
+    assert other._split_blocks_to_swap(4, training=True) == [2, 3]
+    other.enable_block_swap(4, BlockSwapConfig(torch.device("cpu"), supports_backward=True))
     other.enable_gradient_checkpointing(activation_cpu_offloading=True)
     x = inputs(b=2, refs=((2, 2),))
     g = torch.tensor([3.0, 1.0])

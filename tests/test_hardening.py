@@ -463,11 +463,12 @@ def test_demo_default_work_dir_is_git_ignored():
     assert proc.returncode == 0, f"{work}/ is not ignored by .gitignore"
 
 
-def test_trainer_help_and_option_errors_do_not_import_torch():
+@pytest.mark.parametrize("script", ["kandinsky5_train_network", "flux_2_train_network"])
+def test_trainer_help_and_option_errors_do_not_import_torch(script):
     """``--help`` and parse errors answer without importing torch and the model code (start-up: bench/trainer_startup.py)."""
     code = (
         "import sys\n"
-        "from musubi_tuner.kandinsky5_train_network import main\n"
+        f"from musubi_tuner.{script} import main\n"
         "for argv in (['--help'], ['--network_dim', '0']):\n"
         "    try:\n"
         "        main(argv)\n"
