@@ -47,7 +47,12 @@ class TextEncoderRun:
     def _load(self) -> Flux2TextEncoder:
         dtype = torch.bfloat16
         return Flux2TextEncoder(
-            self.args.text_encoder, self.version, device=self.device, dtype=dtype, fp8=self.args.fp8_text_encoder
+            self.args.text_encoder,
+            self.version,
+            device=self.device,
+            dtype=dtype,
+            fp8=self.args.fp8_text_encoder,
+            tokenizer=self.args.tokenizer,
         )
 
     def __call__(self, items: list[TextItem]) -> list[dict[str, torch.Tensor]]:

@@ -161,7 +161,7 @@ class Flux2NetworkTrainer(NetworkTrainer):
             if version.uses_cfg:
                 texts.add(p.get("negative_prompt") or "")
         device = torch.device("cpu") if args.text_encoder_cpu else accelerator.device
-        encoder = Flux2TextEncoder(args.text_encoder, version, device=device, fp8=args.fp8_text_encoder)
+        encoder = Flux2TextEncoder(args.text_encoder, version, device=device, fp8=args.fp8_text_encoder, tokenizer=args.tokenizer)
         try:
             ordered = sorted(texts)
             embeds = dict(zip(ordered, encoder.encode(ordered).cpu()))

@@ -77,3 +77,28 @@ def find_processor_dir(candidates: list[str | os.PathLike]) -> Path | None:
         if (p / "preprocessor_config.json").is_file():
             return p
     return None
+
+
+def single_file_tokenizer(weights: Path, tokenizer: str | None, flag: str) -> Path:
+    """The tokenizer directory of a text encoder given as one weights file (ComfyUI's bare files carry none).
+
+    Search order: ``tokenizer`` (an explicit ``--tokenizer DIR``, which must hold tokenizer files), the file's folder,
+    ``<folder>/tokenizer``. Nothing found is one ``UserError`` naming every place looked at and what to pass.
+    """
+    weights = Path(weights)
+    wanted = ", ".join(" + ".join(names) for names in TOKENIZER_FILES)
+    if tokenizer:
+        tok = Path(tokenizer).expanduser()
+        if not has_tokenizer_files(tok):
+            raise UserError(f"--tokenizer {tok}: no tokenizer files there (none of {wanted}); needed for {flag} {weights}")
+        return tok
+    candidates = [weights.parent, weights.parent / "tokenizer"]
+    found = next((c for c in candidates if has_tokenizer_files(c)), None)
+    if found is None:
+        where = " or ".join(str(c) for c in candidates)
+        raise UserError(
+            f"{weights}: no tokenizer for this single text-encoder file ({flag}): none of {wanted} in {where}; "
+            "pass --tokenizer DIR (the tokenizer folder of the model's Hugging Face repository), or use the full "
+            "Hugging Face model directory"
+        )
+    return found
