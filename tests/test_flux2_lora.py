@@ -169,7 +169,9 @@ def _peft_lora_file(dit, path, r=2, alpha=6.0):
     from peft.utils import get_peft_model_state_dict
 
     ref = _diffusers_model(dit)
-    targets = ["attn.to_q", "attn.to_v", "add_k_proj", "to_qkv_mlp_proj", "ff.linear_in", "ff_context.linear_out"]
+    targets = ["attn.to_q", "attn.to_v", "add_k_proj", "to_qkv_mlp_proj", "ff.linear_in", "ff_context.linear_out",
+               "x_embedder", "context_embedder", "timestep_embedder.linear_1", "single_stream_modulation.linear",
+               "proj_out", "norm_out.linear"]  # fmt: skip
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, alpha_pattern={"add_k_proj": 1.0})
     ref.add_adapter(config)
     g = torch.Generator().manual_seed(5)
@@ -210,6 +212,7 @@ def test_file_written_by_diffusers_peft_gives_diffusers_output(flux2_bundle, lor
     ksd = load_file(str(kohya))
     qkv = "lora_unet_double_blocks_0_img_attn_qkv."
     assert ksd[qkv + "lora_down.weight"].shape[0] == 4 and float(ksd[qkv + "alpha"]) == 4.0  # q and v: rank 2 + 2
+    assert "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight" in ksd and "lora_unet_img_in.alpha" in ksd
     again = load_dit(
         get_model_version("klein-4b"), flux2_bundle.dit_klein, dtype=torch.float32,
         lora_deltas=build_lora_delta_hook([kohya], [1.0], dit.state_dict().keys()),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -81,6 +81,12 @@ def _attn(prefix: str, names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f"{prefix}.{n}" for n in names)
 
 
+# top-level Linear modules of the FLUX.2 DiT (LoRAs from other trainers may adapt them; ours adapts the blocks only)
+_F2_TOP_OFFICIAL = (
+    "img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer",
+    "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
+    "final_layer.linear", "final_layer.adaLN_modulation.1",
+)  # fmt: skip
 _K5_ATTN = ("to_query", "to_key", "to_value", "out_layer")
 _K5_FF = ("feed_forward.in_layer", "feed_forward.out_layer")
 
@@ -144,6 +150,7 @@ NAME_TABLES: dict[str, NameTable] = {
             ),
             ("single_blocks", ("linear1", "linear2")),
         ),
+        tuple(_F2_TOP_OFFICIAL),
     ),
 }
 
@@ -154,13 +161,18 @@ class DiffusersRenames:
 
     ``blocks``: ``(official list, diffusers list, {member: diffusers member(s)})``; a member mapped to n diffusers
     modules is a fused Linear whose output rows are split in n equal parts (the LoRA ``lora_A`` is shared, ``lora_B``
-    is split row-wise — exact, since ΔW = B·A).
+    is split row-wise — exact, since ΔW = B·A). ``top``: top-level official path → diffusers path(s).
+    ``swapped``: official paths whose two output halves diffusers stores in the other order (``lora_B`` rows swapped).
     """
 
     blocks: tuple[tuple[str, str, dict[str, tuple[str, ...]]], ...]
+    top: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    swapped: frozenset[str] = frozenset()
 
     def targets(self, path: str) -> tuple[str, ...] | None:
         """The diffusers module path(s) of the official module ``path``, or None."""
+        if path in self.top:
+            return self.top[path]
         for official, diffusers, members in self.blocks:
             m = re.fullmatch(re.escape(official) + r"\.(\d+)\.(.+)", path)
             if m and m[2] in members:
@@ -169,6 +181,9 @@ class DiffusersRenames:
 
     def source(self, path: str) -> tuple[str, int, int] | None:
         """``(official path, part index, number of parts)`` of the diffusers module ``path``, or None."""
+        for official, parts in self.top.items():
+            if path in parts:
+                return official, parts.index(path), len(parts)
         for official, diffusers, members in self.blocks:
             m = re.fullmatch(re.escape(diffusers) + r"\.(\d+)\.(.+)", path)
             if not m:
@@ -189,14 +204,35 @@ _F2_DOUBLE = {
     "txt_mlp.0": ("ff_context.linear_in",),
     "txt_mlp.2": ("ff_context.linear_out",),
 }
+_F2_TOP = {
+    "img_in": ("x_embedder",),
+    "txt_in": ("context_embedder",),
+    "time_in.in_layer": ("time_guidance_embed.timestep_embedder.linear_1",),
+    "time_in.out_layer": ("time_guidance_embed.timestep_embedder.linear_2",),
+    "guidance_in.in_layer": ("time_guidance_embed.guidance_embedder.linear_1",),
+    "guidance_in.out_layer": ("time_guidance_embed.guidance_embedder.linear_2",),
+    "double_stream_modulation_img.lin": ("double_stream_modulation_img.linear",),
+    "double_stream_modulation_txt.lin": ("double_stream_modulation_txt.linear",),
+    "single_stream_modulation.lin": ("single_stream_modulation.linear",),
+    "final_layer.linear": ("proj_out",),
+    "final_layer.adaLN_modulation.1": ("norm_out.linear",),  # official (shift, scale), diffusers (scale, shift)
+}
 DIFFUSERS_RENAMES: dict[str, DiffusersRenames] = {
     "flux_2": DiffusersRenames(
         (
             ("double_blocks", "transformer_blocks", _F2_DOUBLE),
             ("single_blocks", "single_transformer_blocks", {"linear1": ("attn.to_qkv_mlp_proj",), "linear2": ("attn.to_out",)}),
-        )
+        ),
+        _F2_TOP,
+        frozenset({"final_layer.adaLN_modulation.1"}),
     ),
 }
+
+
+def swap_row_halves(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the two halves of its rows exchanged (its own inverse)."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
 
 
 def to_diffusers(
@@ -219,6 +255,7 @@ def to_diffusers(
         alpha = tensors.get("alpha")
         f = fold_alpha(None if alpha is None else float(alpha.float()), down.shape[0])
         a = (down.float() * f).to(down.dtype)
+        up = swap_row_halves(up) if path in renames.swapped else up
         ups = (up.float() * f).to(up.dtype).chunk(len(targets), dim=0)
         for name, b in zip(targets, ups):
             out[f"{head}{name}.lora_A.weight"] = a.clone()
@@ -234,7 +271,10 @@ def _factors(m: AdapterModule, source: str) -> tuple[torch.Tensor, torch.Tensor,
     elif m.kind == LORA and "lora_down.weight" in t:
         down, up = t["lora_down.weight"], t["lora_up.weight"]
     else:
-        raise UserError(f"{source}: module {m.name!r} is split from a fused layer but is not a plain LoRA; cannot fuse it")
+        raise UserError(
+            f"{source}: module {m.name!r} is not a plain LoRA (LoHa/LoKr); it cannot be fused into or reordered for the "
+            "official layer its diffusers name maps to"
+        )
     alpha = m.alpha
     return down, up, (alpha / down.shape[0]) if alpha else 1.0
 
@@ -295,6 +335,13 @@ def official_modules(modules: Mapping[str, AdapterModule], arch: str, source: st
         if path in out:
             raise UserError(f"{source}: module {path!r} appears under its official and its diffusers name")
         tensors = dict(parts[0].tensors) if n == 1 else _fuse(path, parts, n, source)
+        if path in renames.swapped:
+            down, up, scale = _factors(AdapterModule(path, tensors), source)
+            tensors = {
+                "lora_down.weight": down,
+                "lora_up.weight": swap_row_halves(up),
+                "alpha": torch.tensor(scale * down.shape[0]),
+            }
         out[path] = AdapterModule(path, tensors)
     return out
 
@@ -311,7 +358,7 @@ def _canonical(sd: Mapping[str, torch.Tensor], table: NameTable, source: str) ->
     out: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for name, module in official_modules(parse_adapter_state_dict(sd, source), table.arch, source).items():
-        path = strip_dotted_prefix(name) if module.is_dotted else table.to_dotted(name)
+        path = strip_dotted_prefix(name) if module.is_dotted or table.is_module(name) else table.to_dotted(name)
         if path is None or not table.is_module(path):
             unknown.append(name)
             continue

@@ -96,7 +96,7 @@ class TargetIndex:
 
     def resolve(self, module_name: str) -> str | None:
         """The checkpoint key adapted by ``module_name``, or None."""
-        if "." in module_name:
+        if "." in module_name or module_name in self.dotted:  # (official top-level paths have no dot: ``img_in``)
             return self.dotted.get(strip_dotted_prefix(module_name))
         for prefix in KOHYA_PREFIXES:
             if module_name.startswith(prefix):
