@@ -121,9 +121,10 @@ def test_version_table_parameter_counts():
 
 def _spec_split(n, d, s):
     """musubi-tuner's FLUX.2 split, written out independently: one double block = two single blocks, each list the
-    same share, the excess of the double list traded 1 : 2 into the single list; None when it does not fit."""
+    same share, the excess of the double list traded 1 : 2 into the single list; None when it does not fit.
+    (Where the share rounds to no double block upstream swaps one single block; ours swaps n, never fewer than asked.)"""
     double = round(n / (1 + (s / d) / 2))
-    single = round(double * s / d) or (1 if double == 0 else 0)
+    single = round(double * s / d) if double else n
     while double > d - 2:
         double, single = double - 1, single + 2
     return (double, single) if single <= s - 2 else None

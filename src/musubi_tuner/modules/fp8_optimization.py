@@ -36,7 +36,7 @@ MIN_SCALE = 1e-8
 SCALED_MM_MIN_CAPABILITY = (8, 9)
 # Row-chunk size of the float32 work copies in ``quantize_weight``. On the CPU they are host memory next to the weight
 # being quantised: 1 Mi elements (4 MiB) keeps an fp8 load's host peak near the final size (4 Mi elements cost about
-# 40 MB more on a 1536-wide text encoder, 1.24x instead of 1.07x); devices take larger chunks (fewer kernel launches).
+# 26 MB more on a 1536-wide FLUX.2 text encoder, docs/performance.md); devices take larger chunks (fewer kernel launches).
 _CHUNK_ELEMENTS = 1 << 20
 _DEVICE_CHUNK_FACTOR = 16
 

@@ -206,7 +206,8 @@ def _raw_swap_split(n: int, num_double: int, num_single: int, keep: int) -> tupl
     ratio = num_single / num_double
     # n counts double-block units (a single block is about half a double block); both lists give the same fraction
     double = round(n / (1 + ratio / 2))
-    single = max(round(double * ratio), 1 if double == 0 else 0)  # a small n still swaps one single block
+    # a small n whose share rounds to no double block swaps n single blocks (never fewer blocks than asked)
+    single = round(double * ratio) if double else n
     cap_double, cap_single = num_double - keep, num_single - keep
     while double > max(cap_double, 0):  # trade a double block for two single blocks
         double, single = double - 1, single + 2
@@ -221,7 +222,8 @@ def swap_split(n: int, num_double: int, num_single: int, keep: int = 2) -> tuple
 
     ``double = round(n / (1 + r/2))`` and ``single = round(double · r)`` with ``r = num_single / num_double`` (the same
     share of each list); a list over its limit (``keep`` blocks stay resident: 2 in training, 1 in inference) trades
-    one double block for two single blocks. Counts above ``max_blocks_to_swap`` give the maximum's split. Training
+    one double block for two single blocks; an ``n`` too small for one double block swaps ``n`` single blocks. Counts
+    above ``max_blocks_to_swap`` give the maximum's split. Training
     maxima (musubi-tuner's documented ones): dev 29 (6 + 44), klein-4b 13 (3 + 18), klein-9b 16 (6 + 18).
     """
     if n <= 0 or num_double + num_single == 0:
