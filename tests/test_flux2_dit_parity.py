@@ -119,12 +119,32 @@ def test_version_table_parameter_counts():
     assert not MODEL_VERSIONS["klein-9b"].guidance_embed and MODEL_VERSIONS["dev"].guidance_embed
 
 
-def test_block_swap_split():
+def _spec_split(n, d, s):
+    """musubi-tuner's FLUX.2 split, written out independently: one double block = two single blocks, each list the
+    same share, the excess of the double list traded 1 : 2 into the single list; None when it does not fit.
+    (Where the share rounds to no double block upstream swaps one single block; ours swaps n, never fewer than asked.)"""
+    double = round(n / (1 + (s / d) / 2))
+    single = round(double * s / d) if double else n
+    while double > d - 2:
+        double, single = double - 1, single + 2
+    return (double, single) if single <= s - 2 else None
+
+
+@pytest.mark.parametrize(("version", "documented_max"), [("dev", 29), ("klein-4b", 13), ("klein-9b", 16)])
+def test_block_swap_split_matches_the_documented_maximum(version, documented_max):
+    """specs/flux2.md §9: with fp8 the maximum --blocks_to_swap is dev 29, klein-4b 13, klein-9b 16."""
+    from musubi_tuner.flux_2.models.dit import max_blocks_to_swap
+
     with torch.device("meta"):
-        dev = Flux2(**dit_params_for("dev"))
-    assert dev._split_blocks_to_swap(29, training=True) == [6, 46]  # documented maximum for dev
-    assert dev._split_blocks_to_swap(4, training=True) == [2, 4]
-    assert dev._split_blocks_to_swap(0) == [0, 0]
+        dit = Flux2(**dit_params_for(version))
+    d, s = len(dit.double_blocks), len(dit.single_blocks)
+    assert max_blocks_to_swap(d, s, keep=2) == documented_max
+    assert _spec_split(documented_max, d, s) is not None and _spec_split(documented_max + 1, d, s) is None
+    for n in range(1, documented_max + 1):
+        assert tuple(dit._split_blocks_to_swap(n, training=True)) == _spec_split(n, d, s), n
+    # more than the maximum swaps the maximum's blocks
+    assert dit._split_blocks_to_swap(documented_max + 5, training=True) == dit._split_blocks_to_swap(documented_max, training=True)
+    assert dit._split_blocks_to_swap(0) == [0, 0]
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
@@ -194,8 +214,8 @@ def test_block_swap_and_checkpointing_keep_outputs_and_grads():
     ref.load_state_dict(random_official(ref, 3))
     other = Flux2(**cfg, guidance_embed=True)
     other.load_state_dict(ref.state_dict())
-    assert other._split_blocks_to_swap(5, training=True) == [2, 4]
-    other.enable_block_swap(5, BlockSwapConfig(torch.device("cpu"), supports_backward=True))
+    assert other._split_blocks_to_swap(4, training=True) == [2, 3]
+    other.enable_block_swap(4, BlockSwapConfig(torch.device("cpu"), supports_backward=True))
     other.enable_gradient_checkpointing(activation_cpu_offloading=True)
     x = inputs(b=2, refs=((2, 2),))
     g = torch.tensor([3.0, 1.0])
@@ -211,3 +231,44 @@ def test_block_swap_and_checkpointing_keep_outputs_and_grads():
         grads.append(w.grad.clone())
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.fixture
+def flux2_log(caplog):
+    """Records of the project loggers (they do not propagate to the root logger)."""
+    import logging
+
+    logger = logging.getLogger("musubi_tuner")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="musubi_tuner")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_distilled_and_base_klein_cannot_be_told_apart_but_the_file_name_warns(flux2_bundle, tmp_path, flux2_log):
+    """Same keys and shapes, no variant in real files: a base-named file loads as klein-4b with a warning naming both
+    variants' defaults; a matching name or a file that declares its variant gives no warning."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from musubi_tuner.flux_2.configs import get_model_version
+    from musubi_tuner.flux_2.models.loading import DIT_CONFIG_METADATA_KEY, load_dit, warn_if_name_suggests_twin
+
+    with safe_open(str(flux2_bundle.dit_klein), "pt") as f:
+        config_only = {DIT_CONFIG_METADATA_KEY: f.metadata()[DIT_CONFIG_METADATA_KEY]}  # like a real file: no variant
+    base_named = tmp_path / "flux2-klein-base-4b.safetensors"
+    save_file(load_file(str(flux2_bundle.dit_klein)), str(base_named), config_only)
+    load_dit(get_model_version("klein-4b"), base_named, dtype=torch.float32)
+    (msg,) = [r.getMessage() for r in flux2_log.records if "file name suggests" in r.getMessage()]
+    assert "suggests FLUX.2 klein-base-4b, but --model_version is klein-4b (4 steps, guidance 1.0, no CFG" in msg
+    assert "klein-base-4b: 50 steps, guidance 4.0, true CFG" in msg
+    flux2_log.clear()
+    load_dit(get_model_version("klein-base-4b"), base_named, dtype=torch.float32)
+    load_dit(get_model_version("klein-4b"), flux2_bundle.dit_klein, dtype=torch.float32)  # declares klein-4b
+    assert not [r for r in flux2_log.records if "file name suggests" in r.getMessage()]
+    from pathlib import Path
+
+    assert warn_if_name_suggests_twin(Path("flux2-klein-9b.safetensors"), get_model_version("klein-base-9b"))
+    assert not warn_if_name_suggests_twin(Path("flux2-klein-9b.safetensors"), get_model_version("klein-9b"))
+    assert not warn_if_name_suggests_twin(Path("my_finetune.safetensors"), get_model_version("klein-base-9b"))
+    assert not warn_if_name_suggests_twin(Path("flux2-dev-base.safetensors"), get_model_version("dev"))

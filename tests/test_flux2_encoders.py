@@ -63,3 +63,67 @@ def test_wrong_encoder_for_version(flux2_bundle):
         Flux2TextEncoder(flux2_bundle.text_encoder_qwen3, get_model_version("dev"))
     with pytest.raises(UserError, match="no config.json"):
         Flux2TextEncoder(flux2_bundle.root / "dit", get_model_version("dev"))
+
+
+@pytest.fixture()
+def bare_qwen3(flux2_bundle, tmp_path):
+    """ComfyUI-style: the Qwen3 weights as one bare file, no config.json beside it; the tokenizer elsewhere."""
+    import shutil
+
+    src = flux2_bundle.text_encoder_qwen3
+    (tmp_path / "text_encoders").mkdir()
+    bare = tmp_path / "text_encoders" / "qwen_3_tiny.safetensors"
+    shutil.copy(src / "model.safetensors", bare)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, tok / f)
+    return bare, tok
+
+
+def _with_tiny_release(monkeypatch, flux2_bundle):
+    """The released-config table extended with the tiny encoder's config (what a real Qwen3-4B/8B entry holds)."""
+    import json
+
+    from musubi_tuner.flux_2 import text_encoders
+
+    tiny = json.loads((flux2_bundle.text_encoder_qwen3 / "config.json").read_text())
+    monkeypatch.setattr(text_encoders, "RELEASED_QWEN3_CONFIGS", {**text_encoders.RELEASED_QWEN3_CONFIGS, "tiny": tiny})
+
+
+def test_bare_qwen3_file_config_from_shapes_and_tokenizer_search(flux2_bundle, bare_qwen3, monkeypatch):
+    import shutil
+
+    bare, tok = bare_qwen3
+    v = get_model_version("klein-4b")
+    # shapes match no released encoder: one message naming the shapes and the released ones
+    with pytest.raises(
+        UserError, match=r"qwen_3_tiny\.safetensors: no config.json.*hidden 16, 4 layers.*Qwen3-4B \(hidden 2560, 36 layers\)"
+    ):
+        Flux2TextEncoder(bare, v, tokenizer=str(tok))
+    _with_tiny_release(monkeypatch, flux2_bundle)
+    # no tokenizer beside the file: the message names where it looked and what to pass
+    with pytest.raises(
+        UserError,
+        match=r"no tokenizer for this single text-encoder file.*text_encoders or .*text_encoders/tokenizer.*--tokenizer DIR",
+    ):
+        Flux2TextEncoder(bare, v)
+    with pytest.raises(UserError, match=r"--tokenizer .*nowhere: no tokenizer files"):
+        Flux2TextEncoder(bare, v, tokenizer=str(tok.parent / "nowhere"))
+    ref = Flux2TextEncoder(flux2_bundle.text_encoder_qwen3, v, dtype=torch.float32).encode(PROMPTS)
+    explicit = Flux2TextEncoder(bare, v, dtype=torch.float32, tokenizer=str(tok)).encode(PROMPTS)
+    shutil.copytree(tok, bare.parent / "tokenizer")  # <file dir>/tokenizer is found without the flag
+    found = Flux2TextEncoder(bare, v, dtype=torch.float32).encode(PROMPTS)
+    assert torch.equal(explicit, ref) and torch.equal(found, ref)
+
+
+def test_bare_qwen3_file_through_the_cache_script(flux2_bundle, bare_qwen3, monkeypatch):
+    """``--text_encoder qwen_3_4b.safetensors --tokenizer DIR`` reaches the encoder from the script's command line."""
+    from musubi_tuner.flux_2_cache_text_encoder_outputs import TextEncoderRun, setup_parser
+
+    bare, tok = bare_qwen3
+    _with_tiny_release(monkeypatch, flux2_bundle)
+    argv = ["--dataset_config", "x.toml", "--model_version", "klein-4b", "--text_encoder", str(bare), "--tokenizer", str(tok),
+            "--device", "cpu"]  # fmt: skip
+    run = TextEncoderRun(setup_parser().parse_args(argv))
+    assert run.encoder.hidden_size == 16 and run.encoder.cache_metadata()["flux2_text_encoder"] == "qwen3-16"

@@ -463,7 +463,9 @@ def test_demo_default_work_dir_is_git_ignored():
     assert proc.returncode == 0, f"{work}/ is not ignored by .gitignore"
 
 
-@pytest.mark.parametrize("script", ["kandinsky5_train_network", "wan_train_network"])
+@pytest.mark.parametrize(
+    "script", ["kandinsky5_train_network", "flux_2_train_network", "qwen_image_train_network", "wan_train_network"]
+)
 def test_trainer_help_and_option_errors_do_not_import_torch(script):
     """``--help`` and parse errors answer without importing torch and the model code (start-up: bench/trainer_startup.py)."""
     code = (

@@ -122,16 +122,16 @@ def test_single_file_tokenizer_search_order(qwen_bundle, tmp_path):
     weights.parent.mkdir()
     weights.write_bytes(b"")
     with pytest.raises(UserError) as e:
-        single_file_tokenizer(weights, None, "--vl_processor")
+        single_file_tokenizer(weights, None, "--text_encoder", tokenizer_flag="--vl_processor")
     msg = str(e.value)
     assert str(weights.parent) in msg and str(weights.parent / "tokenizer") in msg and "--vl_processor" in msg
     explicit = tmp_path / "tok"
     shutil.copytree(qwen_bundle.text_encoder, explicit)
     shutil.copy(qwen_bundle.text_encoder / "tokenizer.json", weights.parent / "tokenizer.json")
-    assert single_file_tokenizer(weights, str(explicit), "--vl_processor") == explicit
-    assert single_file_tokenizer(weights, None, "--vl_processor") == weights.parent
+    assert single_file_tokenizer(weights, str(explicit), "--text_encoder", tokenizer_flag="--vl_processor") == explicit
+    assert single_file_tokenizer(weights, None, "--text_encoder", tokenizer_flag="--vl_processor") == weights.parent
     with pytest.raises(UserError, match=r"missing: tokenizer directory not found \(--vl_processor\)"):
-        single_file_tokenizer(weights, str(tmp_path / "missing"), "--vl_processor")
+        single_file_tokenizer(weights, str(tmp_path / "missing"), "--text_encoder", tokenizer_flag="--vl_processor")
 
 
 def test_tiny_encoder_has_the_release_token_ids(encoder):

@@ -16,6 +16,7 @@ import torch
 
 from musubi_tuner.dataset.text_caching import TextItem, add_text_cache_args, cache_text_encoder_outputs
 from musubi_tuner.flux_2.caching import encode_text_items
+from musubi_tuner.flux_2.cli_args import add_text_encoder_args
 from musubi_tuner.flux_2.configs import ARCH, get_model_version, model_version_names
 from musubi_tuner.flux_2.text_encoders import Flux2TextEncoder
 from musubi_tuner.utils.devices import resolve_device
@@ -23,22 +24,6 @@ from musubi_tuner.utils.errors import cli_entry
 from musubi_tuner.utils.log import get_logger
 
 logger = get_logger(__name__)
-
-
-def add_text_encoder_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
-    """``--text_encoder``, ``--fp8_text_encoder`` (alias ``--fp8_m3``), ``--text_encoder_cpu`` (shared by the scripts)."""
-    g = parser.add_argument_group("FLUX.2 text encoder")
-    g.add_argument(
-        "--text_encoder", type=str, default=None, required=required, help="Qwen3 (klein) or Mistral 3 (dev) directory or file"
-    )
-    g.add_argument(
-        "--fp8_text_encoder",
-        "--fp8_m3",
-        dest="fp8_text_encoder",
-        action="store_true",
-        help="store the text encoder's Linear weights in fp8 (Qwen3 and Mistral 3; --fp8_m3 is an alias)",
-    )
-    g.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU")
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -62,7 +47,12 @@ class TextEncoderRun:
     def _load(self) -> Flux2TextEncoder:
         dtype = torch.bfloat16
         return Flux2TextEncoder(
-            self.args.text_encoder, self.version, device=self.device, dtype=dtype, fp8=self.args.fp8_text_encoder
+            self.args.text_encoder,
+            self.version,
+            device=self.device,
+            dtype=dtype,
+            fp8=self.args.fp8_text_encoder,
+            tokenizer=self.args.tokenizer,
         )
 
     def __call__(self, items: list[TextItem]) -> list[dict[str, torch.Tensor]]:

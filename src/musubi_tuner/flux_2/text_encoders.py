@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from musubi_tuner.flux_2.configs import TEXT_MAX_LENGTH, ModelVersion
 from musubi_tuner.modules.fp8_optimization import Fp8Config
 from musubi_tuner.utils.errors import UserError
+from musubi_tuner.utils.hf_sources import has_tokenizer_files, single_file_tokenizer
 from musubi_tuner.utils.key_mapping import KeyMap
 from musubi_tuner.utils.log import get_logger
 from musubi_tuner.utils.model_loading import load_weights_into_model
@@ -38,6 +40,20 @@ RELEASED_LAYERS = {"qwen3": 36, "mistral3": 40}
 RELEASED_HIDDEN = {"mistral3": (5120,), "qwen3": (2560, 4096)}
 KIND_NAMES = {"qwen3": "Qwen3", "mistral3": "Mistral 3 (Mistral-Small-3.x)"}
 _MODEL_TYPES = {"qwen3": "qwen3", "mistral3": "mistral3"}
+# The config.json facts of the released klein text encoders (Qwen/Qwen3-4B, Qwen/Qwen3-8B). ComfyUI ships them as bare
+# ``qwen_3_4b.safetensors`` / ``qwen_3_8b.safetensors`` without a config: such a file is matched here by its embedding
+# width and layer count (``infer_text_config``).
+_QWEN3_COMMON = {
+    "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "initializer_range": 0.02,
+    "max_position_embeddings": 40960, "max_window_layers": 36, "num_attention_heads": 32, "num_hidden_layers": 36,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": None, "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}  # fmt: skip
+RELEASED_QWEN3_CONFIGS: dict[str, dict[str, Any]] = {
+    "Qwen3-4B": {**_QWEN3_COMMON, "hidden_size": 2560, "intermediate_size": 9728, "tie_word_embeddings": True},
+    "Qwen3-8B": {**_QWEN3_COMMON, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False},
+}
 FP8_TEXT_TARGETS = ("layers.",)
 FP8_TEXT_EXCLUDES = ("norm",)
 
@@ -55,40 +71,63 @@ def output_layers_for(kind: str, official: tuple[int, ...], num_layers: int) -> 
 
 @dataclass(frozen=True)
 class EncoderSource:
-    """Where the config, weights and tokenizer of a text encoder are."""
+    """Where the config, weights and tokenizer of a text encoder are (``config`` None: a bare weights file)."""
 
-    config: Path
+    config: Path | None
     weights: Path
     tokenizer: Path
 
 
-def resolve_encoder_source(path: str | os.PathLike, flag: str = "--text_encoder") -> EncoderSource:
-    """A HF snapshot directory, a pipeline directory (``text_encoder/`` + ``tokenizer/``), or one weights file next
-    to its ``config.json`` and tokenizer files."""
+def resolve_encoder_source(path: str | os.PathLike, flag: str = "--text_encoder", tokenizer: str | None = None) -> EncoderSource:
+    """A HF snapshot directory, a pipeline directory (``text_encoder/`` + ``tokenizer/``), or one weights file — with
+    its ``config.json`` beside it, or bare (ComfyUI's ``qwen_3_4b.safetensors``: the config is inferred from its
+    shapes, the tokenizer found by ``single_file_tokenizer``). ``tokenizer``: an explicit ``--tokenizer DIR``."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{p}: text encoder not found ({flag})")
     if p.is_file():
-        if not (p.parent / "config.json").is_file():
-            raise UserError(
-                f"{p}: a single text-encoder file needs its config.json and tokenizer files in the same folder ({flag}); "
-                "or pass the Hugging Face model directory"
-            )
-        return EncoderSource(p.parent / "config.json", p, _tokenizer_dir(p.parent, p.parent))
+        config = p.parent / "config.json"
+        return EncoderSource(config if config.is_file() else None, p, single_file_tokenizer(p, tokenizer, flag))
     model_dir = p if (p / "config.json").is_file() else p / "text_encoder"
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{p}: no config.json (nor text_encoder/config.json) in the text encoder directory ({flag})")
+    if tokenizer:
+        return EncoderSource(model_dir / "config.json", model_dir, single_file_tokenizer(p, tokenizer, flag))
     return EncoderSource(model_dir / "config.json", model_dir, _tokenizer_dir(model_dir, p))
 
 
 def _tokenizer_dir(model_dir: Path, root: Path) -> Path:
     for cand in (model_dir, root, root / "tokenizer"):
-        if (cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file():
+        if has_tokenizer_files(cand) or (cand / "tokenizer_config.json").is_file():
             return cand
     return model_dir
 
 
+def infer_text_config(weights: Path, flag: str = "--text_encoder") -> dict[str, Any]:
+    """The config of a bare Qwen3 weights file: its embedding width and layer count matched against
+    ``RELEASED_QWEN3_CONFIGS``; anything else is a ``UserError`` naming the shapes found and the known ones."""
+    with open_weights(weights) as reader:
+        keys = reader.keys()
+        embed = next((k for k in keys if k.endswith("embed_tokens.weight")), None)
+        hidden = int(reader.get_shape(embed)[1]) if embed else None
+    layers = len({int(m[1]) for k in keys if (m := re.match(r"(?:model\.)?layers\.(\d+)\.", k))})
+    for name, cfg in RELEASED_QWEN3_CONFIGS.items():
+        if (cfg["hidden_size"], cfg["num_hidden_layers"]) == (hidden, layers):
+            logger.info("%s: no config.json beside it; %s by its shapes (hidden %d, %d layers)", weights, name, hidden, layers)
+            return dict(cfg)
+    known = ", ".join(
+        f"{n} (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers)" for n, c in RELEASED_QWEN3_CONFIGS.items()
+    )
+    found = f"hidden {hidden}, {layers} layers" if embed else "no embed_tokens.weight"
+    raise UserError(
+        f"{weights}: no config.json beside this single file ({flag}) and its tensors ({found}) match no released "
+        f"text encoder it could be: {known}; put the model's config.json beside it or pass the Hugging Face directory"
+    )
+
+
 def _read_config(src: EncoderSource, flag: str) -> dict:
+    if src.config is None:
+        return infer_text_config(src.weights, flag)
     try:
         return json.loads(src.config.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -172,10 +211,11 @@ class Flux2TextEncoder:
         fp8: bool = False,
         max_length: int = TEXT_MAX_LENGTH,
         flag: str = "--text_encoder",
+        tokenizer: str | None = None,
     ):
         from transformers import AutoTokenizer
 
-        src = resolve_encoder_source(path, flag)
+        src = resolve_encoder_source(path, flag, tokenizer)
         cfg = _read_config(src, flag)
         text_cfg = check_encoder_for_version(cfg, version, str(path), flag)
         self.kind = version.text_encoder

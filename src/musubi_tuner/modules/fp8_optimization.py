@@ -34,7 +34,11 @@ FP8_DTYPES: frozenset[torch.dtype] = frozenset(
 SCALE_SUFFIX = ".scale_weight"
 MIN_SCALE = 1e-8
 SCALED_MM_MIN_CAPABILITY = (8, 9)
-_CHUNK_ELEMENTS = 1 << 22
+# Row-chunk size of the float32 work copies in ``quantize_weight``. On the CPU they are host memory next to the weight
+# being quantised: 1 Mi elements (4 MiB) keeps an fp8 load's host peak near the final size (4 Mi elements cost about
+# 26 MB more on a 1536-wide FLUX.2 text encoder, docs/performance.md); devices take larger chunks (fewer kernel launches).
+_CHUNK_ELEMENTS = 1 << 20
+_DEVICE_CHUNK_FACTOR = 16
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,8 @@ def quantize_weight(
     rows, cols = w2.shape
     nb = cols // block_size if mode == "block" else 1
     # Work on row chunks so the float32 temporaries stay small next to a multi-hundred-MB weight.
-    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    chunk = _CHUNK_ELEMENTS if w.device.type == "cpu" else _CHUNK_ELEMENTS * _DEVICE_CHUNK_FACTOR
+    step = max(1, chunk // max(cols, 1))
     spans = [(r, min(rows, r + step)) for r in range(0, rows, step)]
 
     def chunk_f32(r0: int, r1: int) -> torch.Tensor:

@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from musubi_tuner.networks.formats import (
     LOHA,
     LOKR,
+    LORA,
     MAX_EXAMPLES,
     PEFT,
+    AdapterModule,
     add_hashes,
     detect_adapter_architecture,
     fold_alpha,
     parse_adapter_state_dict,
     strip_dotted_prefix,
+    with_peft_alphas,
 )
 from musubi_tuner.utils.errors import UserError
 
@@ -78,6 +81,12 @@ def _attn(prefix: str, names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f"{prefix}.{n}" for n in names)
 
 
+# top-level Linear modules of the FLUX.2 DiT (LoRAs from other trainers may adapt them; ours adapts the blocks only)
+_F2_TOP_OFFICIAL = (
+    "img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer",
+    "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
+    "final_layer.linear", "final_layer.adaLN_modulation.1",
+)  # fmt: skip
 _K5_ATTN = ("to_query", "to_key", "to_value", "out_layer")
 _K5_FF = ("feed_forward.in_layer", "feed_forward.out_layer")
 
@@ -141,6 +150,7 @@ NAME_TABLES: dict[str, NameTable] = {
             ),
             ("single_blocks", ("linear1", "linear2")),
         ),
+        tuple(_F2_TOP_OFFICIAL),
     ),
 }
 
@@ -151,16 +161,36 @@ class DiffusersRenames:
 
     ``blocks``: ``(official list, diffusers list, {member: diffusers member(s)})``; a member mapped to n diffusers
     modules is a fused Linear whose output rows are split in n equal parts (the LoRA ``lora_A`` is shared, ``lora_B``
-    is split row-wise — exact, since ΔW = B·A).
+    is split row-wise — exact, since ΔW = B·A). ``top``: top-level official path → diffusers path(s).
+    ``swapped``: official paths whose two output halves diffusers stores in the other order (``lora_B`` rows swapped).
     """
 
     blocks: tuple[tuple[str, str, dict[str, tuple[str, ...]]], ...]
+    top: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    swapped: frozenset[str] = frozenset()
 
     def targets(self, path: str) -> tuple[str, ...] | None:
+        """The diffusers module path(s) of the official module ``path``, or None."""
+        if path in self.top:
+            return self.top[path]
         for official, diffusers, members in self.blocks:
             m = re.fullmatch(re.escape(official) + r"\.(\d+)\.(.+)", path)
             if m and m[2] in members:
                 return tuple(f"{diffusers}.{m[1]}.{d}" for d in members[m[2]])
+        return None
+
+    def source(self, path: str) -> tuple[str, int, int] | None:
+        """``(official path, part index, number of parts)`` of the diffusers module ``path``, or None."""
+        for official, parts in self.top.items():
+            if path in parts:
+                return official, parts.index(path), len(parts)
+        for official, diffusers, members in self.blocks:
+            m = re.fullmatch(re.escape(diffusers) + r"\.(\d+)\.(.+)", path)
+            if not m:
+                continue
+            for member, parts in members.items():
+                if m[2] in parts:
+                    return f"{official}.{m[1]}.{member}", parts.index(m[2]), len(parts)
         return None
 
 
@@ -174,14 +204,35 @@ _F2_DOUBLE = {
     "txt_mlp.0": ("ff_context.linear_in",),
     "txt_mlp.2": ("ff_context.linear_out",),
 }
+_F2_TOP = {
+    "img_in": ("x_embedder",),
+    "txt_in": ("context_embedder",),
+    "time_in.in_layer": ("time_guidance_embed.timestep_embedder.linear_1",),
+    "time_in.out_layer": ("time_guidance_embed.timestep_embedder.linear_2",),
+    "guidance_in.in_layer": ("time_guidance_embed.guidance_embedder.linear_1",),
+    "guidance_in.out_layer": ("time_guidance_embed.guidance_embedder.linear_2",),
+    "double_stream_modulation_img.lin": ("double_stream_modulation_img.linear",),
+    "double_stream_modulation_txt.lin": ("double_stream_modulation_txt.linear",),
+    "single_stream_modulation.lin": ("single_stream_modulation.linear",),
+    "final_layer.linear": ("proj_out",),
+    "final_layer.adaLN_modulation.1": ("norm_out.linear",),  # official (shift, scale), diffusers (scale, shift)
+}
 DIFFUSERS_RENAMES: dict[str, DiffusersRenames] = {
     "flux_2": DiffusersRenames(
         (
             ("double_blocks", "transformer_blocks", _F2_DOUBLE),
             ("single_blocks", "single_transformer_blocks", {"linear1": ("attn.to_qkv_mlp_proj",), "linear2": ("attn.to_out",)}),
-        )
+        ),
+        _F2_TOP,
+        frozenset({"final_layer.adaLN_modulation.1"}),
     ),
 }
+
+
+def swap_row_halves(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the two halves of its rows exchanged (its own inverse)."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
 
 
 def to_diffusers(
@@ -204,10 +255,94 @@ def to_diffusers(
         alpha = tensors.get("alpha")
         f = fold_alpha(None if alpha is None else float(alpha.float()), down.shape[0])
         a = (down.float() * f).to(down.dtype)
+        up = swap_row_halves(up) if path in renames.swapped else up
         ups = (up.float() * f).to(up.dtype).chunk(len(targets), dim=0)
         for name, b in zip(targets, ups):
             out[f"{head}{name}.lora_A.weight"] = a.clone()
             out[f"{head}{name}.lora_B.weight"] = b.contiguous()
+    return out
+
+
+def _factors(m: AdapterModule, source: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(down, up, alpha/rank)`` of a single-pair LoRA or PEFT module; ``UserError`` for anything else."""
+    t = m.tensors
+    if m.kind == PEFT:
+        down, up = t["lora_A.weight"], t["lora_B.weight"]
+    elif m.kind == LORA and "lora_down.weight" in t:
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+    else:
+        raise UserError(
+            f"{source}: module {m.name!r} is not a plain LoRA (LoHa/LoKr); it cannot be fused into or reordered for the "
+            "official layer its diffusers name maps to"
+        )
+    alpha = m.alpha
+    return down, up, (alpha / down.shape[0]) if alpha else 1.0
+
+
+def _fuse(path: str, parts: dict[int, AdapterModule], n: int, source: str) -> dict[str, torch.Tensor]:
+    """One LoRA for a fused Linear from LoRAs on its ``n`` equal row slices (missing slices: zero ΔW).
+
+    ΔW = B·A, so slice i contributes ``B_i·A_i`` to rows i: stacking the ``A_i`` and placing the ``B_i`` block-diagonally
+    gives the fused ΔW exactly, with rank Σ r_i (alpha/r of each part folded into its ``B_i``; alpha = rank). When all
+    parts share one ``A`` and one scale (what ``to_diffusers`` writes), ``A`` is kept and the ``B_i`` concatenated:
+    rank r, alpha unchanged — the exact inverse of the split.
+    """
+    factors = {i: _factors(m, source) for i, m in sorted(parts.items())}
+    rows = {up.shape[0] for _, up, _ in factors.values()}
+    cols = {down.shape[1:] for down, _, _ in factors.values()}
+    if len(rows) != 1 or len(cols) != 1:
+        shapes = {parts[i].name: (list(u.shape), list(d.shape)) for i, (d, u, _) in factors.items()}
+        raise UserError(f"{source}: the parts of {path!r} have different shapes (lora_B, lora_A): {shapes}")
+    (r_out,) = rows
+    first_down, _, first_scale = factors[min(factors)]
+    dtype = first_down.dtype
+    if len(factors) == n and all(torch.equal(d, first_down) and s == first_scale for d, _, s in factors.values()):
+        alpha = parts[min(parts)].alpha or float(first_down.shape[0])
+        up = torch.cat([u for _, u, _ in factors.values()], dim=0)
+        return {"lora_down.weight": first_down, "lora_up.weight": up.to(dtype), "alpha": torch.tensor(alpha)}
+    rank = sum(d.shape[0] for d, _, _ in factors.values())
+    up = torch.zeros(n * r_out, rank, *first_down.shape[2:], dtype=torch.float32)
+    col = 0
+    for i, (d, u, s) in factors.items():
+        up[i * r_out : (i + 1) * r_out, col : col + d.shape[0]] = u.float() * s
+        col += d.shape[0]
+    down = torch.cat([d for d, _, _ in factors.values()], dim=0)
+    return {"lora_down.weight": down, "lora_up.weight": up.to(dtype), "alpha": torch.tensor(float(rank))}
+
+
+def official_modules(modules: Mapping[str, AdapterModule], arch: str, source: str) -> dict[str, AdapterModule]:
+    """Adapter modules with diffusers module names of ``arch`` renamed to official paths, split layers fused.
+
+    Other modules (kohya or official dotted names) are returned unchanged. Names are looked up in
+    ``DIFFUSERS_RENAMES`` (the model's own module list), never guessed.
+    """
+    renames = DIFFUSERS_RENAMES.get(arch)
+    if renames is None:
+        return dict(modules)
+    out: dict[str, AdapterModule] = {}
+    groups: dict[str, tuple[int, dict[int, AdapterModule]]] = {}
+    for name, module in modules.items():
+        found = renames.source(strip_dotted_prefix(name)) if module.is_dotted else None
+        if found is None:
+            out[name] = module
+            continue
+        path, part, n = found
+        _, parts = groups.setdefault(path, (n, {}))
+        if part in parts:
+            raise UserError(f"{source}: {path!r} is adapted twice ({parts[part].name!r} and {name!r})")
+        parts[part] = module
+    for path, (n, parts) in groups.items():
+        if path in out:
+            raise UserError(f"{source}: module {path!r} appears under its official and its diffusers name")
+        tensors = dict(parts[0].tensors) if n == 1 else _fuse(path, parts, n, source)
+        if path in renames.swapped:
+            down, up, scale = _factors(AdapterModule(path, tensors), source)
+            tensors = {
+                "lora_down.weight": down,
+                "lora_up.weight": swap_row_halves(up),
+                "alpha": torch.tensor(scale * down.shape[0]),
+            }
+        out[path] = AdapterModule(path, tensors)
     return out
 
 
@@ -222,8 +357,8 @@ def _canonical(sd: Mapping[str, torch.Tensor], table: NameTable, source: str) ->
     """Dotted path → tensors with kohya/LyCORIS suffixes (PEFT ``lora_A/B`` renamed, alpha = rank added)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
-    for name, module in parse_adapter_state_dict(sd, source).items():
-        path = strip_dotted_prefix(name) if module.is_dotted else table.to_dotted(name)
+    for name, module in official_modules(parse_adapter_state_dict(sd, source), table.arch, source).items():
+        path = strip_dotted_prefix(name) if module.is_dotted or table.is_module(name) else table.to_dotted(name)
         if path is None or not table.is_module(path):
             unknown.append(name)
             continue
@@ -295,6 +430,7 @@ def convert_file_tensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Convert a loaded adapter file; returns ``(tensors, metadata)`` ready to save."""
     md = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
+    sd = with_peft_alphas(sd, metadata, source)
     if target == "default":
         out = to_default(sd, arch, source)
         return out, add_hashes(out, md)

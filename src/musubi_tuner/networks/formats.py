@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -104,6 +105,45 @@ def parse_adapter_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<sta
             raise UserError(f"{source}: module {m.name!r} has an alpha but no weights")
         _check_complete(m, source)
     return modules
+
+
+# diffusers/PEFT files keep the LoraConfig (r, lora_alpha, alpha_pattern, use_rslora ...) as JSON under this metadata
+# key, prefixed by the pipeline component ("transformer.lora_alpha") when written by ``save_lora_weights``.
+PEFT_METADATA_KEY = "lora_adapter_metadata"
+
+
+def with_peft_alphas(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> dict[str, torch.Tensor]:
+    """``sd`` plus an ``<module>.alpha`` for every alpha-less ``lora_A/lora_B`` module whose PEFT config in the
+    metadata gives ``lora_alpha`` (or an ``alpha_pattern`` entry), so the scale alpha/r is the one PEFT applies.
+
+    ``use_rslora`` (scale alpha/sqrt(r)) is stored as the equivalent alpha·sqrt(r); DoRA is refused.
+    Without that metadata PEFT uses ``lora_alpha = r`` (scale 1), which is what an absent alpha means here too.
+    """
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if not raw:
+        return dict(sd)
+    try:
+        packed = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{source}: metadata {PEFT_METADATA_KEY!r} is not valid JSON ({e})") from e
+    cfg = {k.split(".", 1)[1]: v for k, v in packed.items() if k.startswith("transformer.")} or packed
+    if cfg.get("use_dora"):
+        raise UserError(f"{source}: a DoRA adapter (use_dora in {PEFT_METADATA_KEY}); DoRA is not supported")
+    lora_alpha, patterns = cfg.get("lora_alpha"), cfg.get("alpha_pattern") or {}
+    out = dict(sd)
+    for key, t in sd.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        if f"{module}.alpha" in sd:
+            continue
+        path = strip_dotted_prefix(module)
+        alpha = next((a for p, a in patterns.items() if re.match(rf"(.*\.)?({p})$", path)), lora_alpha)
+        if alpha is None:
+            continue
+        alpha = float(alpha) * (math.sqrt(t.shape[0]) if cfg.get("use_rslora") else 1.0)
+        out[f"{module}.alpha"] = torch.tensor(alpha)
+    return out
 
 
 def _check_complete(m: AdapterModule, source: str) -> None:
@@ -224,6 +264,15 @@ _CKPT_SIGNATURES = (
     ("qwen_image", re.compile(r"^transformer_blocks\.\d+\.(img|txt)_(mlp|mod)\.")),
     ("wan", re.compile(r"^blocks\.\d+\.(self|cross)_attn\.")),
 )
+# diffusers module names found only in one architecture (FLUX.2's q/k/v-only names are shared with Qwen-Image)
+_DIFFUSERS_LORA_SIGNATURES = (
+    (
+        "flux_2",
+        re.compile(
+            r"^(single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj|transformer_blocks\.\d+\.ff(_context)?\.linear_(in|out))\."
+        ),
+    ),
+)
 # Architecture names found in metadata → the family names used above.
 _FAMILY_WORDS = (
     ("kandinsky", "kandinsky5"),
@@ -259,6 +308,9 @@ def detect_adapter_architecture(keys: Iterable[str], metadata: Mapping[str, str]
         if any(pattern.match(k) for k in keys):
             return fam
     dotted = [p[0] + "." for k in keys if (p := split_key(k)) and "." in p[0]]
+    for fam, pattern in _DIFFUSERS_LORA_SIGNATURES:
+        if any(pattern.match(strip_dotted_prefix(k)) for k in dotted):
+            return fam
     return detect_checkpoint_architecture(dotted)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.modules.fp8_optimization import SCALE_SUFFIX, is_fp8_dtype
+from musubi_tuner.networks.convert import official_modules
 from musubi_tuner.networks.formats import (
     MAX_EXAMPLES,
     AdapterModule,
@@ -28,6 +29,7 @@ from musubi_tuner.networks.formats import (
     detect_checkpoint_architecture,
     parse_adapter_state_dict,
     strip_dotted_prefix,
+    with_peft_alphas,
 )
 from musubi_tuner.networks.stream_writer import StreamingSafetensorsWriter
 from musubi_tuner.networks.weight_merge import merge_delta_into_weight
@@ -64,6 +66,7 @@ def load_adapter(path: str | os.PathLike, multiplier: float = 1.0) -> Adapter:
     with open_weights(path) as reader:
         sd = {k: reader.get_tensor(k) for k in reader.keys()}
         metadata = reader.metadata()
+    sd = with_peft_alphas(sd, metadata, str(path))
     modules = parse_adapter_state_dict(sd, str(path))
     if not modules:
         raise UserError(f"{path}: no LoRA/LoHa/LoKr tensors in the file")
@@ -130,7 +133,7 @@ class TargetIndex:
 
     def resolve(self, module_name: str) -> str | None:
         """The checkpoint key adapted by ``module_name``, or None."""
-        if "." in module_name:
+        if "." in module_name or module_name in self.dotted:  # (official top-level paths have no dot: ``img_in``)
             return self.dotted.get(strip_dotted_prefix(module_name))
         for prefix in KOHYA_PREFIXES:
             if module_name.startswith(prefix):
@@ -162,7 +165,9 @@ class LoraDeltaSet:
                     f"{adapter.source} is a LoRA for {adapter.architecture}, but {target_name} is a {ckpt_arch} checkpoint"
                 )
             unmatched = []
-            for name, module in adapter.modules.items():
+            # diffusers-named modules (split q/k/v ...) → the official modules of this checkpoint
+            modules = official_modules(adapter.modules, ckpt_arch, adapter.source) if ckpt_arch else adapter.modules
+            for name, module in modules.items():
                 key = index.resolve(name)
                 if key is None:
                     unmatched.append(name)
@@ -171,10 +176,10 @@ class LoraDeltaSet:
             if unmatched:
                 hint = f" (the LoRA looks like {adapter.architecture})" if adapter.architecture else ""
                 raise UserError(
-                    f"{adapter.source}: {len(unmatched)} of {len(adapter.modules)} LoRA modules match no weight of "
+                    f"{adapter.source}: {len(unmatched)} of {len(modules)} LoRA modules match no weight of "
                     f"{target_name}{hint}, e.g. {unmatched[:MAX_EXAMPLES]}"
                 )
-            logger.info(f"{adapter.source}: {len(adapter.modules)} modules x {adapter.multiplier}")
+            logger.info(f"{adapter.source}: {len(modules)} modules x {adapter.multiplier}")
         if shapes is not None:
             for key in self.by_key:
                 self._check_shape(key, tuple(shapes[key]))

@@ -141,7 +141,9 @@ def resolve_vl_source(name_or_path: str | os.PathLike, vl_processor: str | os.Pa
                 f"{path}: a single-file Qwen2.5-VL of unknown size ({shape}); known: {known}. "
                 "Pass the Hugging Face model directory (with config.json) as --text_encoder instead"
             )
-        tok = single_file_tokenizer(path, str(vl_processor) if vl_processor else None, "--vl_processor")
+        tok = single_file_tokenizer(
+            path, str(vl_processor) if vl_processor else None, "--text_encoder", tokenizer_flag="--vl_processor"
+        )
         dirs = [*proc, tok, path.parent, path.parent / "processor"]
         return VLSource(dict(config), path, tok, tuple(dict.fromkeys(dirs)), single_file=True)
     src = resolve_model_source(name_or_path, subfolder="text_encoder", tokenizer_subfolder="tokenizer", flag="--text_encoder")

@@ -79,24 +79,29 @@ def find_processor_dir(candidates: list[str | os.PathLike]) -> Path | None:
     return None
 
 
-def single_file_tokenizer(weights: Path, tokenizer: str | None, flag: str) -> Path:
-    """The tokenizer directory for a single-file text encoder ``weights`` (a ComfyUI-style ``.safetensors``).
+def single_file_tokenizer(weights: Path, tokenizer: str | None, flag: str, *, tokenizer_flag: str = "--tokenizer") -> Path:
+    """The tokenizer directory of a text encoder given as one weights file (ComfyUI's bare files carry none).
 
-    Looked for, in order: ``tokenizer`` (the directory the user passed with ``flag``), the file's folder, and
-    ``<folder>/tokenizer``. A ``UserError`` names every place looked at and what to pass.
+    Search order: ``tokenizer`` (the directory the user passed with ``tokenizer_flag``, which must hold tokenizer
+    files), the file's folder, ``<folder>/tokenizer``. ``flag`` names the weights' own option. Nothing found is one
+    ``UserError`` naming every place looked at and what to pass.
     """
     weights = Path(weights)
-    folder = weights.parent
-    candidates = [Path(tokenizer).expanduser()] if tokenizer else []
-    candidates += [folder, folder / "tokenizer"]
-    if tokenizer and not candidates[0].is_dir():
-        raise UserError(f"{candidates[0]}: tokenizer directory not found ({flag})")
-    for cand in candidates:
-        if has_tokenizer_files(cand):
-            return cand
-    where = ", ".join(str(c) for c in candidates)
     wanted = ", ".join(" + ".join(names) for names in TOKENIZER_FILES)
-    raise UserError(
-        f"{weights}: a single-file text encoder needs its tokenizer; none of {wanted} found in {where}. "
-        f"Pass the tokenizer directory with {flag} (e.g. the model's Hugging Face tokenizer/ or processor/ folder)"
-    )
+    if tokenizer:
+        tok = Path(tokenizer).expanduser()
+        if not tok.is_dir():
+            raise UserError(f"{tok}: tokenizer directory not found ({tokenizer_flag})")
+        if not has_tokenizer_files(tok):
+            raise UserError(f"{tokenizer_flag} {tok}: no tokenizer files there (none of {wanted}); needed for {flag} {weights}")
+        return tok
+    candidates = [weights.parent, weights.parent / "tokenizer"]
+    found = next((c for c in candidates if has_tokenizer_files(c)), None)
+    if found is None:
+        where = " or ".join(str(c) for c in candidates)
+        raise UserError(
+            f"{weights}: no tokenizer for this single text-encoder file ({flag}): none of {wanted} in {where}; "
+            f"pass {tokenizer_flag} DIR (the tokenizer folder of the model's Hugging Face repository), or use the full "
+            "Hugging Face model directory"
+        )
+    return found

@@ -13,6 +13,7 @@ from blissful_tuner.blissful_core import (
     resolve_attention_mode,
 )
 from blissful_tuner.generation_loop import Job
+from musubi_tuner.flux_2.cli_args import TOKENIZER_HELP
 from musubi_tuner.flux_2.configs import get_model_version, model_version_names
 from musubi_tuner.flux_2.pipeline import check_image_size
 from musubi_tuner.memory.options import add_memory_args, check_memory_args
@@ -45,6 +46,7 @@ def setup_parser() -> argparse.ArgumentParser:
         "--fp8_text_encoder", "--fp8_m3", dest="fp8_text_encoder", action="store_true", help="fp8 text encoder (any variant)"
     )
     m.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU")
+    m.add_argument("--tokenizer", type=str, default=None, help=TOKENIZER_HELP)
     m.add_argument("--dit_dtype", type=str, default=None, choices=DTYPE_CHOICES, help="DiT compute dtype (bfloat16)")
     m.add_argument("--dtype", type=str, default=None, choices=DTYPE_CHOICES, help="alias of --dit_dtype")
     m.add_argument("--vae_dtype", type=str, default=None, choices=DTYPE_CHOICES, help="VAE dtype (bfloat16 on CUDA, else float32)")

@@ -78,7 +78,12 @@ class Flux2Generator:
         if self.te is None:
             device = torch.device("cpu") if self.args.text_encoder_cpu else self.device
             self.te = Flux2TextEncoder(
-                self.args.text_encoder, self.version, device=device, dtype=self.te_dtype, fp8=self.args.fp8_text_encoder
+                self.args.text_encoder,
+                self.version,
+                device=device,
+                dtype=self.te_dtype,
+                fp8=self.args.fp8_text_encoder,
+                tokenizer=self.args.tokenizer,
             )
         texts = [job.prompt] + ([job.negative_prompt or ""] if self._needs_negative(job) else [])
         out = self.te.encode(texts).cpu()

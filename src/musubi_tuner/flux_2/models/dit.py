@@ -19,7 +19,10 @@ import torch.nn.functional as F
 
 from musubi_tuner.modules.attention import attention
 from musubi_tuner.modules.checkpointing import GradientCheckpointingMixin
-from musubi_tuner.modules.offloading import BlockSwapMixin
+from musubi_tuner.modules.offloading import BlockSwapConfig, BlockSwapMixin
+from musubi_tuner.utils.log import get_logger
+
+logger = get_logger(__name__)
 
 TIME_EMBED_DIM = 256
 TIME_FACTOR = 1000.0  # timesteps / guidance in [0, 1] (resp. raw) are multiplied by this before the sinusoid
@@ -198,6 +201,52 @@ class LastLayer(nn.Module):
         return self.linear(_modulate(x, shift, scale))
 
 
+def _raw_swap_split(n: int, num_double: int, num_single: int, keep: int) -> tuple[int, int, bool]:
+    """``(double, single, fits)`` before clamping; see ``swap_split``."""
+    ratio = num_single / num_double
+    # n counts double-block units (a single block is about half a double block); both lists give the same fraction
+    double = round(n / (1 + ratio / 2))
+    # a small n whose share rounds to no double block swaps n single blocks (never fewer blocks than asked)
+    single = round(double * ratio) if double else n
+    cap_double, cap_single = num_double - keep, num_single - keep
+    while double > max(cap_double, 0):  # trade a double block for two single blocks
+        double, single = double - 1, single + 2
+    while single > cap_single and double < cap_double:
+        double, single = double + 1, single - 2
+    return double, single, single <= cap_single
+
+
+def swap_split(n: int, num_double: int, num_single: int, keep: int = 2) -> tuple[int, int]:
+    """``--blocks_to_swap n`` → ``(double, single)`` blocks swapped (specs/flux2.md §9, musubi-tuner's FLUX.2 doc:
+    one double block counts as two single blocks).
+
+    ``double = round(n / (1 + r/2))`` and ``single = round(double · r)`` with ``r = num_single / num_double`` (the same
+    share of each list); a list over its limit (``keep`` blocks stay resident: 2 in training, 1 in inference) trades
+    one double block for two single blocks; an ``n`` too small for one double block swaps ``n`` single blocks. Counts
+    above ``max_blocks_to_swap`` give the maximum's split. Training
+    maxima (musubi-tuner's documented ones): dev 29 (6 + 44), klein-4b 13 (3 + 18), klein-9b 16 (6 + 18).
+    """
+    if n <= 0 or num_double + num_single == 0:
+        return 0, 0
+    if num_double == 0 or num_single == 0:
+        return (min(n, max(0, num_double - keep)), 0) if num_double else (0, min(n, max(0, num_single - keep)))
+    n = min(n, max_blocks_to_swap(num_double, num_single, keep))
+    if n == 0:
+        return 0, 0
+    double, single, _ = _raw_swap_split(n, num_double, num_single, keep)
+    return double, single
+
+
+def max_blocks_to_swap(num_double: int, num_single: int, keep: int = 2) -> int:
+    """The largest ``--blocks_to_swap`` whose split fits both lists (each keeping ``keep`` blocks resident)."""
+    best = 0
+    for n in range(1, num_double + num_single + 1):
+        double, single, fits = _raw_swap_split(n, num_double, num_single, keep)
+        if fits and double >= 0 and single >= 0:
+            best = n
+    return best
+
+
 class Flux2(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
     """The FLUX.2 DiT; constructor arguments are the official config fields (specs/flux2.md §3)."""
 
@@ -253,14 +302,20 @@ class Flux2(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
         return [self.double_blocks, self.single_blocks]
 
     def _split_blocks_to_swap(self, n: int, training: bool = False) -> list[int]:
-        """``--blocks_to_swap n`` counts double-block units (a single block is half of one): ``n // 2`` double blocks
-        and twice the rest in single blocks, each capped at the per-list limit (N-2 training, N-1 inference)."""
-        if n <= 0:
-            return [0, 0]
-        margin = 2 if training else 1
-        double = min(n // 2, max(0, len(self.double_blocks) - margin))
-        single = min((n - double) * 2, max(0, len(self.single_blocks) - margin))
-        return [double, single]
+        """``[double, single]`` blocks swapped for ``--blocks_to_swap n`` (``swap_split``); each list keeps 2 blocks
+        resident in training, 1 in inference."""
+        return list(swap_split(n, len(self.double_blocks), len(self.single_blocks), keep=2 if training else 1))
+
+    def enable_block_swap(self, num_blocks: int, config: BlockSwapConfig) -> None:
+        """The mixin's block swap, with a count above this DiT's maximum lowered to it (and a warning naming it)."""
+        limit = max_blocks_to_swap(len(self.double_blocks), len(self.single_blocks), keep=2 if config.supports_backward else 1)
+        if num_blocks > limit:
+            logger.warning(
+                f"--blocks_to_swap {num_blocks}: this FLUX.2 DiT swaps at most {limit} (double/single blocks "
+                f"{len(self.double_blocks)}/{len(self.single_blocks)}); using {limit}"
+            )
+            num_blocks = limit
+        super().enable_block_swap(num_blocks, config)
 
     # -- dtype -----------------------------------------------------------------------------------------------------
 

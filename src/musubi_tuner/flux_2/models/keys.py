@@ -15,44 +15,29 @@ from dataclasses import dataclass
 
 import torch
 
+from musubi_tuner.networks.convert import DIFFUSERS_RENAMES
 from musubi_tuner.utils.safetensors_utils import WeightsReader
 
 OFFICIAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DETECT_OFFICIAL = "single_stream_modulation.lin.weight"
 DETECT_DIFFUSERS = "single_stream_modulation.linear.weight"
 
-# official module -> diffusers module (1:1 renames; .scale -> .weight is applied to norms separately)
-_TOP = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
-    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
-    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
-    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
-    "single_stream_modulation.lin": "single_stream_modulation.linear",
-    "final_layer.linear": "proj_out",
-}
+# official module -> diffusers module. The Linear layers' names live once, in the LoRA conversion table
+# (``networks.convert.DIFFUSERS_RENAMES``); the norms (no LoRA targets) are added here. ``.scale`` -> ``.weight`` is
+# applied to norms separately; the final adaLN (halves swapped) is ``_FINAL_ADALN``.
+_RENAMES = DIFFUSERS_RENAMES["flux_2"]
+_MEMBERS = {official: members for official, _, members in _RENAMES.blocks}
+_TOP = {o: d for o, (d,) in _RENAMES.top.items() if o not in _RENAMES.swapped}
 _DOUBLE = {
-    "img_attn.proj": "attn.to_out.0",
-    "txt_attn.proj": "attn.to_add_out",
-    "img_mlp.0": "ff.linear_in",
-    "img_mlp.2": "ff.linear_out",
-    "txt_mlp.0": "ff_context.linear_in",
-    "txt_mlp.2": "ff_context.linear_out",
+    **{o: d for o, (d, *more) in _MEMBERS["double_blocks"].items() if not more},
     "img_attn.norm.query_norm": "attn.norm_q",
     "img_attn.norm.key_norm": "attn.norm_k",
     "txt_attn.norm.query_norm": "attn.norm_added_q",
     "txt_attn.norm.key_norm": "attn.norm_added_k",
 }
-_DOUBLE_QKV = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-}
+_DOUBLE_QKV = {o: d for o, d in _MEMBERS["double_blocks"].items() if len(d) == 3}
 _SINGLE = {
-    "linear1": "attn.to_qkv_mlp_proj",
-    "linear2": "attn.to_out",
+    **{o: d for o, (d,) in _MEMBERS["single_blocks"].items()},
     "norm.query_norm": "attn.norm_q",
     "norm.key_norm": "attn.norm_k",
 }

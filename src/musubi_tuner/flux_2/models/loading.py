@@ -159,6 +159,36 @@ def _check_declared_version(raw: WeightsReader, params: dict, version: ModelVers
         raise UserError(f"{raw.name}: checkpoint does not fit --model_version {version.name}: it {kind}")
 
 
+def _klein_twin(version: ModelVersion) -> ModelVersion | None:
+    """The klein variant with the same shapes (distilled <-> base), or None for dev."""
+    if version.name.startswith("klein-base-"):
+        return MODEL_VERSIONS.get("klein-" + version.name[len("klein-base-") :])
+    return MODEL_VERSIONS.get(version.name.replace("klein-", "klein-base-", 1)) if version.name.startswith("klein-") else None
+
+
+def warn_if_name_suggests_twin(path: Path, version: ModelVersion) -> bool:
+    """Warn when the file name points at the other klein variant of the same shapes (returns whether it warned).
+
+    Distilled and base klein files have identical keys and shapes (specs/flux2.md §2–§3) and the released files carry
+    no metadata naming the variant, so a wrong ``--model_version`` cannot be refused; it only gets the other
+    variant's defaults (steps, guidance, true CFG or not). The file name is the one hint there is.
+    """
+    twin = _klein_twin(version)
+    if twin is None:
+        return False
+    name = path.name.lower()
+    says_base = "base" in name
+    if "klein" not in name or says_base == (not version.distilled):
+        return False
+    logger.warning(
+        f"{path.name}: the file name suggests FLUX.2 {twin.name}, but --model_version is {version.name} "
+        f"({version.steps} steps, guidance {version.guidance}, {'true CFG' if version.uses_cfg else 'no CFG'}; "
+        f"{twin.name}: {twin.steps} steps, guidance {twin.guidance}, {'true CFG' if twin.uses_cfg else 'no CFG'}). "
+        "Distilled and base files cannot be told apart by their contents; pass the matching --model_version"
+    )
+    return True
+
+
 def load_dit(
     version: ModelVersion,
     dit_path: str | os.PathLike,
@@ -191,6 +221,8 @@ def load_dit(
         if params is None:
             params = dit_params_for(version)
         _check_declared_version(raw, params, version)
+        if not raw.metadata().get(MODEL_VERSION_METADATA_KEY):
+            warn_if_name_suggests_twin(path, version)
         with torch.device("meta"):
             model = Flux2(**params, attn_mode=attn_mode)
         check_checkpoint_fits(reader, model, version.name)
