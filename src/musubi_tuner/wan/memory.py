@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.dataset.cache_format import read_header
 from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
+from musubi_tuner.memory.dataset_scan import largest_cached_step, longest_text_cache
 from musubi_tuner.memory.hooks import StepShape
-from musubi_tuner.utils.errors import UserError
 from musubi_tuner.wan.configs import task_names
 
 _CONDITIONS = ("latents_image", "clip", "latents_control")
@@ -60,40 +59,25 @@ class WanMemoryHooks:
 
     def step_shape(self, args: argparse.Namespace, trainer: Any, train_group: Any) -> StepShape:
         """The largest bucket (B·F·H·W) over the training datasets, with the longest caption of that dataset."""
-        best = None
-        buckets = set()
-        for ds in train_group.datasets:
-            for item in ds.items:
-                if item.latent_shape is None:
-                    continue
-                buckets.add(tuple(item.latent_shape))
-                size = ds.batch_size * numel(item.latent_shape)
-                if best is None or size > best[0]:
-                    best = (size, ds, item)
-        if best is None:
-            raise UserError(f"{args.dataset_config}: no cached latents found; run wan_cache_latents.py first")
-        _, ds, item = best
-        entries, _ = read_header(item.latent_path)
-        details: dict[str, Any] = {"latent_dtype": cache_dtype(entries, "latents")}
+        step = largest_cached_step(
+            train_group.datasets, missing=f"{args.dataset_config}: no cached latents found; run wan_cache_latents.py first"
+        )
+        details: dict[str, Any] = {"latent_dtype": cache_dtype(step.entries, "latents")}
         for key in _CONDITIONS:
-            e = cache_entry(entries, key)
+            e = cache_entry(step.entries, key)
             if e is not None:
                 details[key] = [int(s) for s in e["shape"]]
                 details[key + "_dtype"] = e["dtype"]
-        text_len, text_dim, text_dtype = 0, 0, "bfloat16"
-        for other in ds.items:  # the longest caption of the dataset (text length is per item)
-            te, _ = read_header(other.te_path)
-            e = cache_entry(te, "t5")
-            if e is None:
-                raise UserError(f"{other.te_path}: no Wan T5 states (varlen_t5); run wan_cache_text_encoder_outputs.py")
-            if int(e["shape"][-2]) > text_len:
-                text_len, text_dim, text_dtype = int(e["shape"][-2]), int(e["shape"][-1]), e["dtype"]
-        details.update(text_dim=text_dim, text_dtype=text_dtype)
+        te = longest_text_cache(
+            step.dataset.items, "t5", "{path}: no Wan T5 states (varlen_t5); run wan_cache_text_encoder_outputs.py"
+        )
+        t5 = cache_entry(te, "t5")
+        details.update(text_dim=int(t5["shape"][-1]), text_dtype=t5["dtype"])
         return StepShape(
-            batch=ds.batch_size,
-            latent=tuple(int(s) for s in item.latent_shape),
-            text_len=text_len,
-            buckets=len(buckets),
+            batch=step.dataset.batch_size,
+            latent=step.latent_shape,
+            text_len=int(t5["shape"][-2]),
+            buckets=step.buckets,
             details=details,
         )
 
