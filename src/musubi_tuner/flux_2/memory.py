@@ -17,7 +17,7 @@ from musubi_tuner.dataset.cache_format import read_header
 from musubi_tuner.flux_2.configs import TEXT_MAX_LENGTH, model_version_names
 from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
 from musubi_tuner.memory.dataset_scan import largest_cached_step
-from musubi_tuner.memory.hooks import StepShape
+from musubi_tuner.memory.hooks import StepShape, argv_names_one_of
 from musubi_tuner.utils.errors import UserError
 
 LATENT_CHANNELS = 128
@@ -32,14 +32,7 @@ class Flux2MemoryHooks:
 
     def detect(self, argv: list[str]) -> bool:
         """``--model_version`` naming a FLUX.2 variant (dev is its default: pass ``--arch flux_2`` without it)."""
-        names = set(model_version_names())
-        for i, a in enumerate(argv):
-            value = a.split("=", 1)[1] if a.startswith("--model_version=") else None
-            if a == "--model_version" and i + 1 < len(argv):
-                value = argv[i + 1]
-            if value in names:
-                return True
-        return False
+        return argv_names_one_of(argv, "--model_version", set(model_version_names()))
 
     def step_shape(self, args: argparse.Namespace, trainer: Any, train_group: Any) -> StepShape:
         """The largest step (B · target and reference tokens) over the training datasets; text is always 512 tokens."""
@@ -60,13 +53,7 @@ class Flux2MemoryHooks:
             "text_dim": int(ctx["shape"][-1]),
             "text_dtype": ctx["dtype"],
         }
-        return StepShape(
-            batch=step.dataset.batch_size,
-            latent=step.latent_shape,
-            text_len=int(ctx["shape"][-2]),
-            buckets=step.buckets,
-            details=details,
-        )
+        return step.step_shape(int(ctx["shape"][-2]), details)
 
     def make_fake_batch(self, args: argparse.Namespace, shape: StepShape) -> dict[str, Any]:
         d = shape.details

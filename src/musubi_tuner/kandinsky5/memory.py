@@ -15,7 +15,7 @@ import torch
 from musubi_tuner.kandinsky5.configs import task_names
 from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, torch_dtype
 from musubi_tuner.memory.dataset_scan import largest_cached_step, longest_text_cache
-from musubi_tuner.memory.hooks import StepShape
+from musubi_tuner.memory.hooks import StepShape, argv_names_one_of
 
 MAX_LATENT_FRAMES = 61  # 241 video frames: the longest K5 task (10 s at 24 fps)
 
@@ -43,14 +43,8 @@ class Kandinsky5MemoryHooks:
     generate_script = "musubi_tuner.kandinsky5_generate_video:main"
 
     def detect(self, argv: list[str]) -> bool:
-        names = set(task_names())
-        for i, a in enumerate(argv):
-            value = (
-                a.split("=", 1)[1] if a.startswith("--task=") else (argv[i + 1] if a == "--task" and i + 1 < len(argv) else None)
-            )
-            if value in names:
-                return True
-        return False
+        """``--task`` naming a Kandinsky 5 task."""
+        return argv_names_one_of(argv, "--task", set(task_names()))
 
     def step_shape(self, args: argparse.Namespace, trainer: Any, train_group: Any) -> StepShape:
         """The largest bucket (B·F·H·W) over the training datasets, with the longest text of that dataset's captions."""
@@ -73,13 +67,7 @@ class Kandinsky5MemoryHooks:
         details.update(
             text_dim=int(text["shape"][-1]), pooled_dim=int(cache_entry(te, "pooled_embed")["shape"][-1]), text_dtype=text["dtype"]
         )
-        return StepShape(
-            batch=step.dataset.batch_size,
-            latent=step.latent_shape,
-            text_len=int(text["shape"][-2]),
-            buckets=step.buckets,
-            details=details,
-        )
+        return step.step_shape(int(text["shape"][-2]), details)
 
     def make_fake_batch(self, args: argparse.Namespace, shape: StepShape) -> dict[str, Any]:
         d = shape.details

@@ -14,6 +14,7 @@ from typing import Any
 
 from musubi_tuner.dataset.cache_format import batch_key, read_header
 from musubi_tuner.memory.cache_headers import cache_entry, numel
+from musubi_tuner.memory.hooks import StepShape
 from musubi_tuner.utils.errors import UserError
 
 _CONTROL = re.compile(r"^latents_control_(\d+)$")
@@ -32,6 +33,12 @@ class LargestStep:
     entries: dict[str, dict]  # the item's latent-cache header
     controls: Controls
     buckets: int  # distinct bucket shapes (latent shape with the control shapes) over all training datasets
+
+    def step_shape(self, text_len: int, details: dict[str, Any]) -> StepShape:
+        """The ``StepShape`` of this step: its dataset's batch size, the latent shape and bucket count, plus these."""
+        return StepShape(
+            batch=self.dataset.batch_size, latent=self.latent_shape, text_len=int(text_len), buckets=self.buckets, details=details
+        )
 
 
 def control_latents(entries: dict[str, dict]) -> Controls:

@@ -76,6 +76,17 @@ class ArchMemoryHooks(Protocol):
     def frame_choices(self, shape: StepShape) -> list[int]: ...
 
 
+def argv_names_one_of(argv: list[str], flag: str, names: set[str] | list[str]) -> bool:
+    """Whether ``argv`` gives ``flag`` a value among ``names`` (``--flag VALUE`` or ``--flag=VALUE``): ``detect``."""
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith(flag + "=") else None
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value in names:
+            return True
+    return False
+
+
 def load_hooks(name: str) -> ArchMemoryHooks:
     """The hooks of architecture ``name``."""
     if name not in ARCHITECTURES:

@@ -18,7 +18,7 @@ import torch
 
 from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
 from musubi_tuner.memory.dataset_scan import largest_cached_step, longest_text_cache
-from musubi_tuner.memory.hooks import StepShape
+from musubi_tuner.memory.hooks import StepShape, argv_names_one_of
 from musubi_tuner.qwen_image.caching import TE_KEY
 from musubi_tuner.qwen_image.configs import DEFAULT_MAX_SEQUENCE_LENGTH, LATENT_CHANNELS, PATCH_SIZE, VAE_SCALE, version_names
 
@@ -49,16 +49,7 @@ class QwenImageMemoryHooks:
     def detect(self, argv: list[str]) -> bool:
         """``--model_version`` naming a Qwen-Image version, or the legacy ``--edit`` / ``--edit_plus`` (``original`` is
         the default: pass ``--arch qwen_image`` without them)."""
-        names = set(version_names())
-        for i, a in enumerate(argv):
-            if a in ("--edit", "--edit_plus"):
-                return True
-            value = a.split("=", 1)[1] if a.startswith("--model_version=") else None
-            if a == "--model_version" and i + 1 < len(argv):
-                value = argv[i + 1]
-            if value in names:
-                return True
-        return False
+        return any(a in ("--edit", "--edit_plus") for a in argv) or argv_names_one_of(argv, "--model_version", set(version_names()))
 
     def step_shape(self, args: argparse.Namespace, trainer: Any, train_group: Any) -> StepShape:
         """The largest step (B · target and control tokens) over the training datasets, with the longest caption of
@@ -82,13 +73,7 @@ class QwenImageMemoryHooks:
             "text_dim": int(text["shape"][-1]),
             "text_dtype": text["dtype"],
         }
-        return StepShape(
-            batch=step.dataset.batch_size,
-            latent=step.latent_shape,
-            text_len=int(text["shape"][-2]),
-            buckets=step.buckets,
-            details=details,
-        )
+        return step.step_shape(int(text["shape"][-2]), details)
 
     def make_fake_batch(self, args: argparse.Namespace, shape: StepShape) -> dict[str, Any]:
         d = shape.details

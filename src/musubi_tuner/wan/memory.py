@@ -19,7 +19,7 @@ import torch
 
 from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
 from musubi_tuner.memory.dataset_scan import largest_cached_step, longest_text_cache
-from musubi_tuner.memory.hooks import StepShape
+from musubi_tuner.memory.hooks import StepShape, argv_names_one_of
 from musubi_tuner.wan.configs import task_names
 
 _CONDITIONS = ("latents_image", "clip", "latents_control")
@@ -48,14 +48,7 @@ class WanMemoryHooks:
 
     def detect(self, argv: list[str]) -> bool:
         """``--task`` naming a Wan task (``t2v-14B`` is the scripts' default: pass ``--arch wan`` without it)."""
-        names = set(task_names())
-        for i, a in enumerate(argv):
-            value = a.split("=", 1)[1] if a.startswith("--task=") else None
-            if a == "--task" and i + 1 < len(argv):
-                value = argv[i + 1]
-            if value in names:
-                return True
-        return False
+        return argv_names_one_of(argv, "--task", set(task_names()))
 
     def step_shape(self, args: argparse.Namespace, trainer: Any, train_group: Any) -> StepShape:
         """The largest bucket (B·F·H·W) over the training datasets, with the longest caption of that dataset."""
@@ -73,13 +66,7 @@ class WanMemoryHooks:
         )
         t5 = cache_entry(te, "t5")
         details.update(text_dim=int(t5["shape"][-1]), text_dtype=t5["dtype"])
-        return StepShape(
-            batch=step.dataset.batch_size,
-            latent=step.latent_shape,
-            text_len=int(t5["shape"][-2]),
-            buckets=step.buckets,
-            details=details,
-        )
+        return step.step_shape(int(t5["shape"][-2]), details)
 
     def make_fake_batch(self, args: argparse.Namespace, shape: StepShape) -> dict[str, Any]:
         d = shape.details
