@@ -15,24 +15,18 @@ import torch
 from musubi_tuner.kandinsky5.configs import task_names
 from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, torch_dtype
 from musubi_tuner.memory.dataset_scan import largest_cached_step, longest_text_cache
-from musubi_tuner.memory.hooks import StepShape, argv_names_one_of
+from musubi_tuner.memory.hooks import StepShape, TracedDiT, argv_names_one_of
 
 MAX_LATENT_FRAMES = 61  # 241 video frames: the longest K5 task (10 s at 24 fps)
 
 
-class _MaskFreeDiT:
+class _MaskFreeDiT(TracedDiT):
     """The DiT as the traced step sees it: called without the text key mask (§11: ``bool(mask.all())`` needs data;
-    a mask is KB-sized and picks no other kernel by memory). Attribute reads go to the DiT."""
-
-    def __init__(self, dit: torch.nn.Module):
-        self._dit = dit
+    a mask is KB-sized and picks no other kernel by memory)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         kwargs["text_mask"] = None
         return self._dit(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._dit, name)
 
 
 class Kandinsky5MemoryHooks:

@@ -18,25 +18,19 @@ import torch
 
 from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
 from musubi_tuner.memory.dataset_scan import largest_cached_step, longest_text_cache
-from musubi_tuner.memory.hooks import StepShape, argv_names_one_of
+from musubi_tuner.memory.hooks import StepShape, TracedDiT, argv_names_one_of
 from musubi_tuner.qwen_image.caching import TE_KEY
 from musubi_tuner.qwen_image.configs import DEFAULT_MAX_SEQUENCE_LENGTH, LATENT_CHANNELS, PATCH_SIZE, VAE_SCALE, version_names
 
 _MASK_NOTE = "text key mask traced as absent (KB-sized; spec §11)"
 
 
-class _MaskFreeDiT:
+class _MaskFreeDiT(TracedDiT):
     """The DiT as the traced step sees it: called without ``encoder_hidden_states_mask`` (third argument), whose
-    ``bool(mask.all())`` needs data. Attribute reads go to the DiT."""
-
-    def __init__(self, dit: torch.nn.Module):
-        self._dit = dit
+    ``bool(mask.all())`` needs data."""
 
     def __call__(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, *args: Any, **kwargs: Any):
         return self._dit(hidden_states, encoder_hidden_states, None, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._dit, name)
 
 
 class QwenImageMemoryHooks:

@@ -19,24 +19,18 @@ import torch
 
 from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
 from musubi_tuner.memory.dataset_scan import largest_cached_step, longest_text_cache
-from musubi_tuner.memory.hooks import StepShape, argv_names_one_of
+from musubi_tuner.memory.hooks import StepShape, TracedDiT, argv_names_one_of
 from musubi_tuner.wan.configs import task_names
 
 _CONDITIONS = ("latents_image", "clip", "latents_control")
 
 
-class _OneExpert:
+class _OneExpert(TracedDiT):
     """A ``WanExpertPair`` as the traced step sees it with ``--expert both``: always the low-noise expert (routing reads
-    timestep values). Attribute reads go to the pair, so its parameters stay registered."""
-
-    def __init__(self, pair: torch.nn.Module):
-        self._pair = pair
+    timestep values). Attribute reads go to the pair."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._pair.expert("low")(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pair, name)
+        return self._dit.expert("low")(*args, **kwargs)
 
 
 class WanMemoryHooks:
