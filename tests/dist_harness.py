@@ -9,8 +9,8 @@ training forward to ``<output_dir>/losses_<process>.jsonl``. The script module m
 ``python tests/dist_harness.py runs <plan.json>`` trains the runs of a JSON list of ``[spec, argv]`` one after the
 other in the same processes (one launch, one process group, for several architectures).
 
-``python tests/dist_harness.py cache-toy <dataset_config> <record_dir> [--skip_corrupt]`` caches the toy architecture's dataset through
-the shared caching drivers and records which process encoded which item.
+``python tests/dist_harness.py cache-toy <dataset_config> <record_dir> [--skip_corrupt]`` caches the toy architecture's
+dataset through the shared caching drivers and records which process encoded which item.
 """
 
 from __future__ import annotations
