@@ -13,14 +13,9 @@ so diffusers carries three rank-16 adapters where we carry one). Two reference i
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
-import sys
-import time
 
 import torch
+from dit_step_harness import run_dit_step_bench
 
 OFFICIAL = dict(
     in_channels=128, context_in_dim=3 * 256, hidden_size=256, num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(16, 16, 16, 16)
@@ -37,11 +32,6 @@ DIFFUSERS_TARGETS = [
 ]  # fmt: skip
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _inputs(guidance: bool):
     from musubi_tuner.flux_2.sampling import build_img_ids, build_txt_ids
 
@@ -53,12 +43,12 @@ def _inputs(guidance: bool):
     return img, ids, txt, build_txt_ids(TEXT_LEN), torch.tensor([0.5]), (torch.tensor([1.0]) if guidance else None)
 
 
-def worker(side: str, steps: int, threads: int) -> dict:
+def worker(args: argparse.Namespace):
+    """One side's model, LoRA and inputs; the step and the LoRA module count."""
     from musubi_tuner.flux_2.models.dit import Flux2
     from musubi_tuner.flux_2.models.keys import official_to_diffusers
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    side = args.worker
     ours = Flux2(**OFFICIAL, guidance_embed=True)
     sd = {k: torch.randn_like(v) * 0.02 for k, v in ours.state_dict().items()}
     img, ids, txt, txt_ids, t, gd = _inputs(True)
@@ -98,54 +88,18 @@ def worker(side: str, steps: int, threads: int) -> dict:
         forward()[:, :n_target].float().square().mean().backward()
         model.zero_grad(set_to_none=True)
 
-    base_rss = _rss_bytes()
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return {
-        "side": side,
-        "seconds_per_step": (time.perf_counter() - t0) / steps,
-        "peak_extra_mib": peak / 2**20,
-        "lora_modules": n_lora,
-    }
+    return step, n_lora
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest is reported")
-    parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.threads)))
-        return
-    results: dict[str, dict] = {}
-    for _ in range(args.repeats):
-        for side in ("ours", "diffusers"):
-            cmd = [sys.executable, __file__, "--worker", side, "--steps", str(args.steps), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            r = json.loads(out)
-            if side not in results or r["seconds_per_step"] < results[side]["seconds_per_step"]:
-                results[side] = r
-    ours, ref = results["ours"], results["diffusers"]
+def describe(args: argparse.Namespace, ours: dict, ref: dict) -> str:
     tokens = TARGET_HW[0] * TARGET_HW[1] + sum(h * w for h, w in REFS)
-    print(
+    return (
         f"config: hidden {OFFICIAL['hidden_size']}, {OFFICIAL['depth']} double + {OFFICIAL['depth_single_blocks']} single blocks, "
         f"{tokens} image tokens (2 references) + {TEXT_LEN} text, LoRA rank {RANK} "
         f"(ours {ours['lora_modules']} modules, diffusers/PEFT {ref['lora_modules']}), fp32 CPU, {args.threads} threads, "
         f"{args.steps} timed steps, best of {args.repeats} runs"
     )
-    print(f"{'':10s} {'s/step':>8s} {'peak MiB':>9s}")
-    for name, r in (("ours", ours), ("diffusers", ref)):
-        print(f"{name:10s} {r['seconds_per_step']:8.3f} {r['peak_extra_mib']:9.1f}")
-    print(
-        f"time ratio ours/diffusers: {ours['seconds_per_step'] / ref['seconds_per_step']:.2f}; "
-        f"peak memory ratio: {ours['peak_extra_mib'] / max(ref['peak_extra_mib'], 1e-9):.2f}"
-    )
 
 
 if __name__ == "__main__":
-    main()
+    run_dit_step_bench(__file__, __doc__.splitlines()[0], worker, describe)

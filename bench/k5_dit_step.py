@@ -11,15 +11,10 @@ layers of every text and visual block (the K5 LoRA targets, specs/kandinsky5.md 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
-import sys
-import time
 
 import torch
 import torch.nn as nn
+from dit_step_harness import run_dit_step_bench
 
 CONFIG = dict(
     in_visual_dim=16,
@@ -69,14 +64,9 @@ def add_lora(model: nn.Module) -> int:
     return len(targets)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def worker(side: str, steps: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+def worker(args: argparse.Namespace):
+    """One side's model, LoRA and inputs; the step and the LoRA module count."""
+    side = args.worker
     if side == "ours":
         from musubi_tuner.kandinsky5.models.dit import DiffusionTransformer3D
 
@@ -105,50 +95,17 @@ def worker(side: str, steps: int, threads: int) -> dict:
         out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
 
-    base_rss = _rss_bytes()
-    step()  # warm-up (also the peak-memory sample)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    dt = (time.perf_counter() - t0) / steps
-    return {"side": side, "seconds_per_step": dt, "peak_extra_mib": peak / 2**20, "lora_modules": n_lora}
+    return step, n_lora
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest is reported")
-    parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.threads)))
-        return
-    # Alternate the sides and keep each side's fastest run: the machine may be shared, and contention only slows.
-    results: dict[str, dict] = {}
-    for _ in range(args.repeats):
-        for side in ("ours", "diffusers"):
-            cmd = [sys.executable, __file__, "--worker", side, "--steps", str(args.steps), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            r = json.loads(out)
-            if side not in results or r["seconds_per_step"] < results[side]["seconds_per_step"]:
-                results[side] = r
-    ours, ref = results["ours"], results["diffusers"]
+def describe(args: argparse.Namespace, ours: dict, ref: dict) -> str:
     tokens = LATENT[1] * (LATENT[2] // 2) * (LATENT[3] // 2)
-    print(
+    return (
         f"config: model_dim {CONFIG['model_dim']}, {CONFIG['num_text_blocks']}+{CONFIG['num_visual_blocks']} blocks, "
         f"{tokens} visual + {TEXT_LEN} text tokens, LoRA rank {RANK} on {ours['lora_modules']} Linears, "
         f"fp32 CPU, {args.threads} threads, {args.steps} timed steps, best of {args.repeats} runs"
     )
-    print(f"{'':10s} {'s/step':>8s} {'peak MiB':>9s}")
-    for name, r in (("ours", ours), ("diffusers", ref)):
-        print(f"{name:10s} {r['seconds_per_step']:8.3f} {r['peak_extra_mib']:9.1f}")
-    print(
-        f"time ratio ours/diffusers: {ours['seconds_per_step'] / ref['seconds_per_step']:.2f}; "
-        f"peak memory ratio: {ours['peak_extra_mib'] / max(ref['peak_extra_mib'], 1e-9):.2f}"
-    )
 
 
 if __name__ == "__main__":
-    main()
+    run_dit_step_bench(__file__, __doc__.splitlines()[0], worker, describe)

@@ -12,14 +12,9 @@ before the first step.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
-import sys
-import time
 
 import torch
+from dit_step_harness import run_dit_step_bench
 
 CONFIG = dict(
     patch_size=2,
@@ -38,16 +33,11 @@ PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
                 "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]  # fmt: skip
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def worker(side: str, steps: int, threads: int) -> dict:
+def worker(args: argparse.Namespace):
+    """One side's model, LoRA and inputs; the step and the LoRA module count."""
     from diffusers import QwenImageTransformer2DModel
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    side = args.worker
     ref = QwenImageTransformer2DModel(**CONFIG)
     sd = {k: torch.randn_like(v) * 0.02 for k, v in ref.state_dict().items()}
     if side == "ours":
@@ -90,49 +80,17 @@ def worker(side: str, steps: int, threads: int) -> dict:
         out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
 
-    base_rss = _rss_bytes()
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    dt = (time.perf_counter() - t0) / steps
-    return {"side": side, "seconds_per_step": dt, "peak_extra_mib": peak / 2**20, "lora_modules": n_lora}
+    return step, n_lora
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest is reported")
-    parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.threads)))
-        return
-    results: dict[str, dict] = {}
-    for _ in range(args.repeats):
-        for side in ("ours", "diffusers"):
-            cmd = [sys.executable, __file__, "--worker", side, "--steps", str(args.steps), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            r = json.loads(out)
-            if side not in results or r["seconds_per_step"] < results[side]["seconds_per_step"]:
-                results[side] = r
-    ours, ref = results["ours"], results["diffusers"]
+def describe(args: argparse.Namespace, ours: dict, ref: dict) -> str:
     dim = CONFIG["attention_head_dim"] * CONFIG["num_attention_heads"]
-    print(
+    return (
         f"config: hidden {dim}, {CONFIG['num_layers']} blocks, batch 2 x ({LATENT_HW[0] // 2 * LATENT_HW[1] // 2} image + "
         f"{'/'.join(map(str, TEXT_LENS))} masked text tokens), LoRA rank {RANK} on {ours['lora_modules']} / "
         f"{ref['lora_modules']} Linears, fp32 CPU, {args.threads} threads, {args.steps} timed steps, best of {args.repeats}"
     )
-    print(f"{'':10s} {'s/step':>8s} {'peak MiB':>9s}")
-    for name, r in (("ours", ours), ("diffusers", ref)):
-        print(f"{name:10s} {r['seconds_per_step']:8.3f} {r['peak_extra_mib']:9.1f}")
-    print(
-        f"time ratio ours/diffusers: {ours['seconds_per_step'] / ref['seconds_per_step']:.2f}; "
-        f"peak memory ratio: {ours['peak_extra_mib'] / max(ref['peak_extra_mib'], 1e-9):.2f}"
-    )
 
 
 if __name__ == "__main__":
-    main()
+    run_dit_step_bench(__file__, __doc__.splitlines()[0], worker, describe)

@@ -11,23 +11,13 @@ before the first step, or CUDA max_memory_allocated above the allocated size bef
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
-import sys
-import time
 
 import torch
+from dit_step_harness import run_dit_step_bench
 
 HEADS, HEAD_DIM, FFN, LAYERS, TEXT_DIM = 8, 64, 2048, 8, 512
 LATENT = (1, 16, 4, 32, 32)  # B, C, F, H, W -> 4·16·16 = 1024 tokens
 RANK = 16
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def build(side: str):
@@ -53,10 +43,10 @@ def build(side: str):
     return model, None, n
 
 
-def worker(side: str, steps: int, threads: int, device: str, dtype: str) -> dict:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    dt = getattr(torch, dtype)
+def worker(args: argparse.Namespace):
+    """One side's model, LoRA and inputs on ``--device`` in ``--dtype``; the step and the LoRA module count."""
+    side, device = args.worker, args.device
+    dt = getattr(torch, args.dtype)
     model, net, n_lora = build(side)
     model.to(device=device, dtype=dt)
     if net is not None:
@@ -79,78 +69,21 @@ def worker(side: str, steps: int, threads: int, device: str, dtype: str) -> dict
         for p in params:
             p.grad = None
 
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss()
-    step()
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    return {
-        "side": side,
-        "seconds_per_step": (time.perf_counter() - t0) / steps,
-        "peak_extra_mib": peak / 2**20,
-        "lora_modules": n_lora,
-    }
+    return step, n_lora
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest is reported")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.worker:
-        print(json.dumps(worker(a.worker, a.steps, a.threads, a.device, a.dtype)))
-        return
-    results: dict[str, dict] = {}
-    for _ in range(a.repeats):
-        for side in ("ours", "diffusers"):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                side,
-                "--steps",
-                str(a.steps),
-                "--threads",
-                str(a.threads),
-                "--device",
-                a.device,
-                "--dtype",
-                a.dtype,
-            ]
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            if side not in results or r["seconds_per_step"] < results[side]["seconds_per_step"]:
-                results[side] = r
-    ours, ref = results["ours"], results["diffusers"]
+
+
+def describe(a: argparse.Namespace, ours: dict, ref: dict) -> str:
     tokens = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)
-    print(
+    return (
         f"config: dim {HEADS * HEAD_DIM} ({HEADS} heads), ffn {FFN}, {LAYERS} blocks, {tokens} tokens + 512 text, LoRA rank {RANK} "
         f"on {ours['lora_modules']} (ours) / {ref['lora_modules']} (PEFT) Linears, {a.dtype} {a.device}, {a.steps} timed steps, best of {a.repeats}"
-    )
-    print(f"{'':10s} {'s/step':>8s} {'peak MiB':>9s}")
-    for name, r in (("ours", ours), ("diffusers", ref)):
-        print(f"{name:10s} {r['seconds_per_step']:8.3f} {r['peak_extra_mib']:9.1f}")
-    print(
-        f"time ratio ours/diffusers: {ours['seconds_per_step'] / ref['seconds_per_step']:.2f}; "
-        f"peak memory ratio: {ours['peak_extra_mib'] / max(ref['peak_extra_mib'], 1e-9):.2f}"
     )
 
 
 if __name__ == "__main__":
-    main()
+    run_dit_step_bench(__file__, __doc__.splitlines()[0], worker, describe, add_arguments)

@@ -9,8 +9,8 @@ training forward to ``<output_dir>/losses_<process>.jsonl``. The script module m
 ``python tests/dist_harness.py runs <plan.json>`` trains the runs of a JSON list of ``[spec, argv]`` one after the
 other in the same processes (one launch, one process group, for several architectures).
 
-``python tests/dist_harness.py cache-toy <dataset_config> <record_dir>`` caches the toy architecture's dataset through
-the shared caching drivers and records which process encoded which item.
+``python tests/dist_harness.py cache-toy <dataset_config> <record_dir> [--skip_corrupt]`` caches the toy architecture's
+dataset through the shared caching drivers and records which process encoded which item.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def runs_in_one_group(plan: list[tuple[str, list[str]]]) -> None:
         destroy()
 
 
-def cache_toy(dataset_config: str, record_dir: str) -> None:
+def cache_toy(dataset_config: str, record_dir: str, skip_corrupt: bool = False) -> None:
     """Cache a toy dataset through the shared latent and text drivers; each process records the items it encoded
     in ``<record_dir>/encoded_<process>.txt`` (one ``latent:<name>`` / ``text:<name>`` per line)."""
     import argparse
@@ -111,7 +111,14 @@ def cache_toy(dataset_config: str, record_dir: str) -> None:
 
     record = Path(record_dir) / f"encoded_{os.environ.get('RANK', '0')}.txt"
     record.parent.mkdir(parents=True, exist_ok=True)
-    ns = argparse.Namespace(dataset_config=dataset_config, num_workers=1, skip_existing=False, keep_cache=False, batch_size=None)
+    ns = argparse.Namespace(
+        dataset_config=dataset_config,
+        num_workers=1,
+        skip_existing=False,
+        keep_cache=False,
+        batch_size=None,
+        skip_corrupt=skip_corrupt,
+    )
 
     def latents(batch):
         with record.open("a", encoding="utf-8") as f:
@@ -131,7 +138,7 @@ def cache_toy(dataset_config: str, record_dir: str) -> None:
 @cli_entry
 def main() -> None:
     if sys.argv[1] == "cache-toy":
-        cache_toy(sys.argv[2], sys.argv[3])
+        cache_toy(sys.argv[2], sys.argv[3], skip_corrupt="--skip_corrupt" in sys.argv[4:])
     elif sys.argv[1] == "runs":
         runs_in_one_group(json.loads(Path(sys.argv[2]).read_text(encoding="utf-8")))
     else:

@@ -125,6 +125,32 @@ def test_clip_snapshot_loads_with_transformers(k5_bundle: K5Bundle):
     assert pooled.shape == (1, k5_bundle.dit_config["in_text_dim2"])
 
 
+def test_clip_tokenizer_is_the_same_in_every_training_run(k5_bundle: K5Bundle):
+    # tokenizers' BpeTrainer numbered the "</w>" symbols in a random order: each demo run tokenized (and trained) anew
+    from musubi_tuner.demo.bundles import CLIP_VOCAB, _train_clip_tokenizer
+
+    again = _train_clip_tokenizer(CLIP_VOCAB).to_str(pretty=True)
+    assert again == (k5_bundle.text_encoder_clip / "tokenizer.json").read_text(encoding="utf-8")
+    assert again == _train_clip_tokenizer(CLIP_VOCAB).to_str(pretty=True)
+
+
+def test_bpe_trainer_merges_the_most_frequent_pair_and_breaks_ties_by_text():
+    from collections import Counter
+
+    from musubi_tuner.demo.bpe import train_bpe
+
+    words = Counter({"low": 5, "lower": 2, "newest": 6, "widest": 3})
+    vocab, merges = train_bpe(words, 100, special_tokens=["<s>"], alphabet=["z"], suffix="</w>")
+    # counted by hand: (e,s) 9 ties (s,t</w>) 9 -> (e,s); (es,t</w>) 9; (l,o) 7; (e,w) 6 ties (n,e), (w,es) 6 -> (e,w)
+    assert merges[:4] == [("e", "s"), ("es", "t</w>"), ("l", "o"), ("e", "w")]
+    chars = sorted("lowernstidz")
+    assert list(vocab)[: 1 + len(chars)] == ["<s>", *chars]  # special, sorted alphabet, then end-of-word symbols
+    assert list(vocab)[1 + len(chars) : 1 + len(chars) + 3] == ["r</w>", "t</w>", "w</w>"]
+    assert sorted(vocab.values()) == list(range(len(vocab))) and {"newest</w>", "widest</w>", "low</w>"} <= set(vocab)
+    small, few = train_bpe(words, len(vocab) - 3, special_tokens=["<s>"], alphabet=[], suffix="</w>")
+    assert len(small) == len(vocab) - 3 and few == merges[: len(few)]
+
+
 def test_vae_directory_and_single_file_hold_the_same_weights(k5_bundle: K5Bundle):
     from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo
 

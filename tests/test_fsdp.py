@@ -421,3 +421,31 @@ def test_caching_with_two_processes_writes_each_item_once(tmp_path):
     for name in one:
         a, b = load_file(str(one_dir / name)), load_file(str(two_dir / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.slow
+def test_skip_corrupt_with_two_processes_removes_the_old_caches_of_every_process_share(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from toy_arch import write_image_dataset
+
+    config = write_image_dataset(tmp_path / "data", 4)  # cached by one process: 4 latent + 4 TE caches
+    images, cache_dir = tmp_path / "data" / "train", tmp_path / "data" / "train_cache"
+    before = sorted(p.name for p in cache_dir.glob("*_wan.safetensors"))
+    assert len(before) == 4
+    # items 0 and 1 now fail only when decoded (header readable, pixel data cut): item 0 is process 0's share, item 1
+    # process 1's (every 2nd item from the process index)
+    for i in (0, 1):
+        noisy = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(noisy).save(images / f"train_{i:03d}.png")
+        data = (images / f"train_{i:03d}.png").read_bytes()
+        (images / f"train_{i:03d}.png").write_bytes(data[: len(data) // 2])
+    log = _launch(
+        [*TORCHRUN, "--master_port", "29564", str(HARNESS), "cache-toy", str(config), str(tmp_path / "records"), "--skip_corrupt"],
+        _env(),
+    )
+    assert log.count("cannot decode image") == 2 and "--skip_corrupt" in log
+    records = {p.name: p.read_text().split() for p in (tmp_path / "records").glob("encoded_*.txt")}
+    latents = sorted(e for v in records.values() for e in v if e.startswith("latent:"))
+    assert latents == [f"latent:{before[2]}", f"latent:{before[3]}"]  # one good item per process, re-encoded
+    assert sorted(p.name for p in cache_dir.glob("*_wan.safetensors")) == before[2:]  # both failed items' caches gone

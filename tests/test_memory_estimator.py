@@ -207,3 +207,49 @@ def test_measured_calibration_is_used_for_its_gpu_only(tmp_path, monkeypatch):
     assert c.cublas_workspace == formulas.DEFAULT_CALIBRATION.cublas_workspace  # not measured: default
     assert run.load_calibration("NVIDIA GeForce RTX 4090").source == "default constants"
     assert run.load_calibration("").source == "default constants"
+
+
+# --- the shared dataset scan of the step_shape hooks ------------------------------------------------------------------
+
+
+def test_largest_cached_step_counts_controls_and_buckets_and_finds_the_longest_caption(tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from musubi_tuner.dataset.cache_format import cache_key
+    from musubi_tuner.memory.dataset_scan import largest_cached_step, longest_text_cache
+    from musubi_tuner.utils.errors import UserError
+
+    def item(name, latent, controls=(), text_len=4):
+        tensors = {"latents": torch.zeros(latent, dtype=torch.bfloat16)}
+        tensors.update({f"latents_control_{i}": torch.zeros(c) for i, c in enumerate(controls)})
+        save_file({cache_key(k, v): v for k, v in tensors.items()}, str(tmp_path / f"{name}.safetensors"))
+        save_file({"varlen_t5_bfloat16": torch.zeros(text_len, 8, dtype=torch.bfloat16)}, str(tmp_path / f"{name}_te.safetensors"))
+        return SimpleNamespace(
+            latent_shape=latent, latent_path=tmp_path / f"{name}.safetensors", te_path=tmp_path / f"{name}_te.safetensors"
+        )
+
+    # a: 16·1·8·8 = 1024 latent elements + two 8x8 controls; b: 16·1·10·10 = 1600, no control
+    a = item("a", (16, 1, 8, 8), controls=[(16, 1, 8, 8), (16, 1, 8, 8)], text_len=9)
+    b = item("b", (16, 1, 10, 10), text_len=5)
+    uncached = SimpleNamespace(latent_shape=None)
+    datasets = [SimpleNamespace(batch_size=2, items=[a, uncached]), SimpleNamespace(batch_size=1, items=[b])]
+
+    plain = largest_cached_step(datasets, missing="none")  # by latent size: 2·1024 = 2048 > 1·1600
+    assert plain.item is a and plain.controls == () and plain.buckets == 2
+    assert plain.entries == largest_cached_step(datasets, with_controls=True, missing="none").entries
+
+    def tokens(shape, controls):  # target + control tokens of 2x2 patches
+        return (shape[-2] * shape[-1] + sum(c[-2] * c[-1] for c, _ in controls)) // 4
+
+    step = largest_cached_step(datasets, tokens, with_controls=True, missing="none")
+    assert step.item is a and step.dataset is datasets[0]  # 2 · (16 + 32) = 96 > 1 · 25
+    assert step.controls == (((16, 1, 8, 8), "F32"), ((16, 1, 8, 8), "F32")) and step.buckets == 2
+    assert step.latent_shape == (16, 1, 8, 8)
+
+    assert longest_text_cache([b, a], "t5", "{path}: no t5")["varlen_t5_bfloat16"]["shape"] == [9, 8]
+    with pytest.raises(UserError, match=r"a_te\.safetensors: no clip"):
+        longest_text_cache([a, b], "t5", "{path}: no clip", also=("clip",))
+    with pytest.raises(UserError, match="run the caching first"):
+        largest_cached_step([SimpleNamespace(batch_size=1, items=[uncached])], missing="run the caching first")

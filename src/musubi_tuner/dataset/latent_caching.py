@@ -212,6 +212,14 @@ def delete_stale(cache_dirs: dict[Path, set[Path]], glob: str) -> int:
     return removed
 
 
+def remove_caches(paths: set[Path]) -> None:
+    """Delete the existing files among ``paths`` (old caches of items that are no longer part of the dataset)."""
+    for path in sorted(paths):
+        if path.is_file():
+            logger.info(f"removing stale cache {path}")
+            path.unlink()
+
+
 def cache_latents(
     args: Any,
     *,
@@ -223,8 +231,9 @@ def cache_latents(
 
     ``encode(batch)`` returns one dict of named tensors per item (``latents`` ``(C, F, H, W)``, ``latents_image``,
     ``varlen_*``...); names become keys via ``cache_format.cache_key``. Launched with several processes, each
-    encodes every N-th source item (all clips of one source stay in one process); process 0 removes stale caches
-    once all are done.
+    encodes every N-th source item (all clips of one source stay in one process); each process removes the old
+    caches of its items that failed to decode (``--skip_corrupt``), and process 0 removes the other stale caches once
+    all are done.
     """
     arch = architecture if isinstance(architecture, ArchInfo) else arch_info(architecture)
     datasets = resolve_datasets(args.dataset_config, architecture=arch, args=args, runtime_params=runtime_params)
@@ -232,6 +241,7 @@ def cache_latents(
     debug_mode = getattr(args, "debug_mode", None)
     workers = default_num_workers(args)
     expected: dict[Path, set[Path]] = {}
+    failed: set[Path] = set()  # caches of this process's items that failed to decode (--skip_corrupt)
     share = caching_processes()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for params in datasets:
@@ -250,13 +260,15 @@ def cache_latents(
                 skipped = len(items) - sum(len(g) for g in kept)
                 groups = [g for g in kept if g]
                 logger.info(f"{params.table}: {skipped} items skipped (cache exists and matches), {len(items) - skipped} to encode")
-            failed: set[Path] = set()
             groups = share.take(groups)
             _encode_dataset(params, planner, groups, pool, encode, arch, args, workers, skip_corrupt, failed)
-            # an item that became undecodable is no longer part of the dataset: its old cache is stale too
-            expected[Path(params.cache_directory).resolve()] -= failed
+    keep = debug_mode or getattr(args, "keep_cache", False)
+    if not keep:
+        # an item that became undecodable is no longer part of the dataset: its old cache is stale too. Only the
+        # process whose share the item is knows it failed, so each process removes its own (before the barrier).
+        remove_caches(failed)
     share.wait()
-    if debug_mode or getattr(args, "keep_cache", False) or not share.is_main:
+    if keep or not share.is_main:
         return
     removed = delete_stale(expected, latent_cache_glob(arch.short))
     if removed:

@@ -265,28 +265,35 @@ def _train_qwen_tokenizer(vocab_size: int) -> Any:
 
 
 def _train_clip_tokenizer(vocab_size: int) -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """CLIP's BPE (lower-cased words, ``</w>`` end-of-word suffix) trained on the built-in corpus, the same in every run
+    (``demo.bpe``: ``tokenizers``' trainer numbers end-of-word symbols in a random order)."""
+    from collections import Counter
 
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    from musubi_tuner.demo.bpe import train_bpe
     from musubi_tuner.demo.tokenizer_corpus import corpus_lines
 
-    tok = Tokenizer(models.BPE(unk_token=CLIP_EOS, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(_CLIP_PRETOKENIZE), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=[CLIP_BOS, CLIP_EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
+    words: Counter[str] = Counter()
+    for line in corpus_lines():
+        words.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
+    vocab, merges = train_bpe(
+        words, vocab_size, special_tokens=[CLIP_BOS, CLIP_EOS], alphabet=pre_tokenizers.ByteLevel.alphabet(), suffix="</w>"
     )
-    tok.train_from_iterator(corpus_lines(), trainer=trainer)
+    tok = Tokenizer(
+        models.BPE(vocab, merges, unk_token=CLIP_EOS, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False)
+    )
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([CLIP_BOS, CLIP_EOS])
     tok.post_processor = processors.RobertaProcessing(
         (CLIP_EOS, tok.token_to_id(CLIP_EOS)), (CLIP_BOS, tok.token_to_id(CLIP_BOS)), trim_offsets=False, add_prefix_space=False
     )

@@ -165,7 +165,7 @@ def run_demo(work_dir: str | os.PathLike, *, steps: int = 60, seed: int = 42) ->
 
     _run(
         _module("musubi_tuner.kandinsky5_cache_latents")
-        + ["--dataset_config", str(data.video_toml), "--vae", str(bundle.vae), "--device", "cpu"],
+        + ["--dataset_config", str(data.video_toml), "--vae", str(bundle.vae), "--device", "cpu", "--seed", str(seed)],
         logs / "1_cache_latents.log",
         env,
     )

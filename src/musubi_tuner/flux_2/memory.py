@@ -9,19 +9,18 @@ target and reference tokens and builds ids from shapes only, so it traces as it 
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
 import torch
 
-from musubi_tuner.dataset.cache_format import batch_key, read_header
+from musubi_tuner.dataset.cache_format import read_header
 from musubi_tuner.flux_2.configs import TEXT_MAX_LENGTH, model_version_names
-from musubi_tuner.memory.cache_headers import cache_entry, numel, torch_dtype
-from musubi_tuner.memory.hooks import StepShape
+from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
+from musubi_tuner.memory.dataset_scan import largest_cached_step
+from musubi_tuner.memory.hooks import StepShape, argv_names_one_of
 from musubi_tuner.utils.errors import UserError
 
 LATENT_CHANNELS = 128
-_CONTROL = re.compile(r"^latents_control_(\d+)$")
 
 
 class Flux2MemoryHooks:
@@ -33,56 +32,28 @@ class Flux2MemoryHooks:
 
     def detect(self, argv: list[str]) -> bool:
         """``--model_version`` naming a FLUX.2 variant (dev is its default: pass ``--arch flux_2`` without it)."""
-        names = set(model_version_names())
-        for i, a in enumerate(argv):
-            value = a.split("=", 1)[1] if a.startswith("--model_version=") else None
-            if a == "--model_version" and i + 1 < len(argv):
-                value = argv[i + 1]
-            if value in names:
-                return True
-        return False
+        return argv_names_one_of(argv, "--model_version", set(model_version_names()))
 
     def step_shape(self, args: argparse.Namespace, trainer: Any, train_group: Any) -> StepShape:
         """The largest step (B · target and reference tokens) over the training datasets; text is always 512 tokens."""
-        best = None
-        buckets = set()
-        for ds in train_group.datasets:
-            for item in ds.items:
-                if item.latent_shape is None:
-                    continue
-                entries, _ = read_header(item.latent_path)
-                refs = sorted(
-                    (int(m.group(1)), tuple(int(s) for s in e["shape"][-3:]), e["dtype"])
-                    for k, e in entries.items()
-                    if (m := _CONTROL.match(batch_key(k)[0]))
-                )
-                shape = tuple(int(s) for s in item.latent_shape)
-                buckets.add((shape, tuple(r[1] for r in refs)))
-                tokens = numel(shape[-2:]) + sum(numel(r[1][-2:]) for r in refs)
-                size = ds.batch_size * tokens
-                if best is None or size > best[0]:
-                    best = (size, ds, item, entries, refs)
-        if best is None:
-            raise UserError(f"{args.dataset_config}: no cached latents found; run flux_2_cache_latents.py first")
-        _, ds, item, entries, refs = best
-        te, _ = read_header(item.te_path)
+        step = largest_cached_step(
+            train_group.datasets,
+            lambda shape, refs: numel(shape[-2:]) + sum(numel(r[0][-2:]) for r in refs),
+            with_controls=True,
+            missing=f"{args.dataset_config}: no cached latents found; run flux_2_cache_latents.py first",
+        )
+        te, _ = read_header(step.item.te_path)
         ctx = cache_entry(te, "ctx_vec")
         if ctx is None:
-            raise UserError(f"{item.te_path}: no FLUX.2 text embeddings (ctx_vec); run flux_2_cache_text_encoder_outputs.py")
+            raise UserError(f"{step.item.te_path}: no FLUX.2 text embeddings (ctx_vec); run flux_2_cache_text_encoder_outputs.py")
         details = {
-            "latent_dtype": cache_entry(entries, "latents")["dtype"] if cache_entry(entries, "latents") else "float32",
-            "references": [list(r[1]) for r in refs],
-            "reference_dtypes": [r[2] for r in refs],
+            "latent_dtype": cache_dtype(step.entries, "latents"),
+            "references": [list(shape[-3:]) for shape, _ in step.controls],
+            "reference_dtypes": [dtype for _, dtype in step.controls],
             "text_dim": int(ctx["shape"][-1]),
             "text_dtype": ctx["dtype"],
         }
-        return StepShape(
-            batch=ds.batch_size,
-            latent=tuple(int(s) for s in item.latent_shape),
-            text_len=int(ctx["shape"][-2]),
-            buckets=len(buckets),
-            details=details,
-        )
+        return step.step_shape(int(ctx["shape"][-2]), details)
 
     def make_fake_batch(self, args: argparse.Namespace, shape: StepShape) -> dict[str, Any]:
         d = shape.details

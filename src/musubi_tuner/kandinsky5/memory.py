@@ -12,28 +12,21 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.dataset.cache_format import read_header
 from musubi_tuner.kandinsky5.configs import task_names
-from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
-from musubi_tuner.memory.hooks import StepShape
-from musubi_tuner.utils.errors import UserError
+from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, torch_dtype
+from musubi_tuner.memory.dataset_scan import largest_cached_step, longest_text_cache
+from musubi_tuner.memory.hooks import StepShape, TracedDiT, argv_names_one_of
 
 MAX_LATENT_FRAMES = 61  # 241 video frames: the longest K5 task (10 s at 24 fps)
 
 
-class _MaskFreeDiT:
+class _MaskFreeDiT(TracedDiT):
     """The DiT as the traced step sees it: called without the text key mask (§11: ``bool(mask.all())`` needs data;
-    a mask is KB-sized and picks no other kernel by memory). Attribute reads go to the DiT."""
-
-    def __init__(self, dit: torch.nn.Module):
-        self._dit = dit
+    a mask is KB-sized and picks no other kernel by memory)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         kwargs["text_mask"] = None
         return self._dit(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._dit, name)
 
 
 class Kandinsky5MemoryHooks:
@@ -44,55 +37,31 @@ class Kandinsky5MemoryHooks:
     generate_script = "musubi_tuner.kandinsky5_generate_video:main"
 
     def detect(self, argv: list[str]) -> bool:
-        names = set(task_names())
-        for i, a in enumerate(argv):
-            value = (
-                a.split("=", 1)[1] if a.startswith("--task=") else (argv[i + 1] if a == "--task" and i + 1 < len(argv) else None)
-            )
-            if value in names:
-                return True
-        return False
+        """``--task`` naming a Kandinsky 5 task."""
+        return argv_names_one_of(argv, "--task", set(task_names()))
 
     def step_shape(self, args: argparse.Namespace, trainer: Any, train_group: Any) -> StepShape:
         """The largest bucket (B·F·H·W) over the training datasets, with the longest text of that dataset's captions."""
-        best = None
-        buckets = set()
-        for ds in train_group.datasets:
-            for item in ds.items:
-                if item.latent_shape is None:
-                    continue
-                buckets.add(tuple(item.latent_shape))
-                size = ds.batch_size * numel(item.latent_shape)
-                if best is None or size > best[0]:
-                    best = (size, ds, item)
-        if best is None:
-            raise UserError(f"{args.dataset_config}: no cached latents found; run kandinsky5_cache_latents.py first")
-        _, ds, item = best
-        latent_entries, _ = read_header(item.latent_path)
-        details: dict[str, Any] = {"latent_dtype": cache_dtype(latent_entries, "latents")}
-        for key in ("latents_image", "latents_control_0", "latents_control"):
-            if cache_entry(latent_entries, key) is not None:
-                details[key] = list(cache_entry(latent_entries, key)["shape"])
-                details[key + "_dtype"] = cache_dtype(latent_entries, key)
-        text_len, text_dim, pooled_dim, text_dtype = 0, 0, 0, "bfloat16"
-        for other in ds.items:  # the longest caption of the dataset (text length is per item)
-            entries, _ = read_header(other.te_path)
-            e = cache_entry(entries, "text_embeds")
-            p = cache_entry(entries, "pooled_embed")
-            if e is None or p is None:
-                raise UserError(f"{other.te_path}: no Kandinsky 5 text embeddings; run kandinsky5_cache_text_encoder_outputs.py")
-            shape = e["shape"][-2:]
-            if shape[0] > text_len:
-                text_len, text_dim, text_dtype = int(shape[0]), int(shape[1]), e["dtype"]
-            pooled_dim = int(p["shape"][-1])
-        details.update(text_dim=text_dim, pooled_dim=pooled_dim, text_dtype=text_dtype)
-        return StepShape(
-            batch=ds.batch_size,
-            latent=tuple(int(s) for s in item.latent_shape),
-            text_len=text_len,
-            buckets=len(buckets),
-            details=details,
+        step = largest_cached_step(
+            train_group.datasets, missing=f"{args.dataset_config}: no cached latents found; run kandinsky5_cache_latents.py first"
         )
+        entries = step.entries
+        details: dict[str, Any] = {"latent_dtype": cache_dtype(entries, "latents")}
+        for key in ("latents_image", "latents_control_0", "latents_control"):
+            if cache_entry(entries, key) is not None:
+                details[key] = list(cache_entry(entries, key)["shape"])
+                details[key + "_dtype"] = cache_dtype(entries, key)
+        te = longest_text_cache(
+            step.dataset.items,
+            "text_embeds",
+            "{path}: no Kandinsky 5 text embeddings; run kandinsky5_cache_text_encoder_outputs.py",
+            also=("pooled_embed",),
+        )
+        text = cache_entry(te, "text_embeds")
+        details.update(
+            text_dim=int(text["shape"][-1]), pooled_dim=int(cache_entry(te, "pooled_embed")["shape"][-1]), text_dtype=text["dtype"]
+        )
+        return step.step_shape(int(text["shape"][-2]), details)
 
     def make_fake_batch(self, args: argparse.Namespace, shape: StepShape) -> dict[str, Any]:
         d = shape.details

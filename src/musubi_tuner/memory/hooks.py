@@ -76,6 +76,31 @@ class ArchMemoryHooks(Protocol):
     def frame_choices(self, shape: StepShape) -> list[int]: ...
 
 
+class TracedDiT:
+    """Base of what a ``prepare_trace`` hook returns as the DiT: a subclass overrides ``__call__`` (e.g. to drop a
+    data-dependent mask); attribute reads go to the wrapped module, so its parameters stay registered."""
+
+    def __init__(self, dit: Any):
+        self._dit = dit
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._dit(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dit, name)
+
+
+def argv_names_one_of(argv: list[str], flag: str, names: set[str] | list[str]) -> bool:
+    """Whether ``argv`` gives ``flag`` a value among ``names`` (``--flag VALUE`` or ``--flag=VALUE``): ``detect``."""
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith(flag + "=") else None
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value in names:
+            return True
+    return False
+
+
 def load_hooks(name: str) -> ArchMemoryHooks:
     """The hooks of architecture ``name``."""
     if name not in ARCHITECTURES:

@@ -12,34 +12,25 @@ picks the same SDPA kernel class, so the estimate is unchanged by it (spec §11)
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
 import torch
 
-from musubi_tuner.dataset.cache_format import batch_key, read_header
-from musubi_tuner.memory.cache_headers import cache_entry, numel, torch_dtype
-from musubi_tuner.memory.hooks import StepShape
+from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
+from musubi_tuner.memory.dataset_scan import largest_cached_step, longest_text_cache
+from musubi_tuner.memory.hooks import StepShape, TracedDiT, argv_names_one_of
 from musubi_tuner.qwen_image.caching import TE_KEY
 from musubi_tuner.qwen_image.configs import DEFAULT_MAX_SEQUENCE_LENGTH, LATENT_CHANNELS, PATCH_SIZE, VAE_SCALE, version_names
-from musubi_tuner.utils.errors import UserError
 
-_CONTROL = re.compile(r"^latents_control_(\d+)$")
 _MASK_NOTE = "text key mask traced as absent (KB-sized; spec §11)"
 
 
-class _MaskFreeDiT:
+class _MaskFreeDiT(TracedDiT):
     """The DiT as the traced step sees it: called without ``encoder_hidden_states_mask`` (third argument), whose
-    ``bool(mask.all())`` needs data. Attribute reads go to the DiT."""
-
-    def __init__(self, dit: torch.nn.Module):
-        self._dit = dit
+    ``bool(mask.all())`` needs data."""
 
     def __call__(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, *args: Any, **kwargs: Any):
         return self._dit(hidden_states, encoder_hidden_states, None, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._dit, name)
 
 
 class QwenImageMemoryHooks:
@@ -52,65 +43,31 @@ class QwenImageMemoryHooks:
     def detect(self, argv: list[str]) -> bool:
         """``--model_version`` naming a Qwen-Image version, or the legacy ``--edit`` / ``--edit_plus`` (``original`` is
         the default: pass ``--arch qwen_image`` without them)."""
-        names = set(version_names())
-        for i, a in enumerate(argv):
-            if a in ("--edit", "--edit_plus"):
-                return True
-            value = a.split("=", 1)[1] if a.startswith("--model_version=") else None
-            if a == "--model_version" and i + 1 < len(argv):
-                value = argv[i + 1]
-            if value in names:
-                return True
-        return False
+        return any(a in ("--edit", "--edit_plus") for a in argv) or argv_names_one_of(argv, "--model_version", set(version_names()))
 
     def step_shape(self, args: argparse.Namespace, trainer: Any, train_group: Any) -> StepShape:
         """The largest step (B · target and control tokens) over the training datasets, with the longest caption of
         that dataset (text length is per item; the batch pads to its longest)."""
-        best = None
-        buckets = set()
-        for ds in train_group.datasets:
-            for item in ds.items:
-                if item.latent_shape is None:
-                    continue
-                entries, _ = read_header(item.latent_path)
-                controls = sorted(
-                    (int(m.group(1)), tuple(int(s) for s in e["shape"]), e["dtype"])
-                    for k, e in entries.items()
-                    if (m := _CONTROL.match(batch_key(k)[0]))
-                )
-                shape = tuple(int(s) for s in item.latent_shape)
-                buckets.add((shape, tuple(c[1] for c in controls)))
-                size = ds.batch_size * (numel(shape[1:]) + sum(numel(c[1][1:]) for c in controls))
-                if best is None or size > best[0]:
-                    best = (size, ds, item, entries, controls)
-        if best is None:
-            raise UserError(f"{args.dataset_config}: no cached latents found; run qwen_image_cache_latents.py first")
-        _, ds, item, entries, controls = best
-        text_len, text_dim, text_dtype = 0, 0, "float32"
-        for other in ds.items:
-            te, _ = read_header(other.te_path)
-            e = cache_entry(te, TE_KEY)
-            if e is None:
-                raise UserError(
-                    f"{other.te_path}: no Qwen-Image text embeddings (varlen_{TE_KEY}); run qwen_image_cache_text_encoder_outputs.py"
-                )
-            if int(e["shape"][-2]) > text_len:
-                text_len, text_dim, text_dtype = int(e["shape"][-2]), int(e["shape"][-1]), e["dtype"]
-        latent = cache_entry(entries, "latents")
-        details = {
-            "latent_dtype": latent["dtype"] if latent else "float32",
-            "controls": [list(c[1]) for c in controls],
-            "control_dtypes": [c[2] for c in controls],
-            "text_dim": text_dim,
-            "text_dtype": text_dtype,
-        }
-        return StepShape(
-            batch=ds.batch_size,
-            latent=tuple(int(s) for s in item.latent_shape),
-            text_len=text_len,
-            buckets=len(buckets),
-            details=details,
+        step = largest_cached_step(
+            train_group.datasets,
+            lambda shape, controls: numel(shape[1:]) + sum(numel(c[0][1:]) for c in controls),
+            with_controls=True,
+            missing=f"{args.dataset_config}: no cached latents found; run qwen_image_cache_latents.py first",
         )
+        te = longest_text_cache(
+            step.dataset.items,
+            TE_KEY,
+            f"{{path}}: no Qwen-Image text embeddings (varlen_{TE_KEY}); run qwen_image_cache_text_encoder_outputs.py",
+        )
+        text = cache_entry(te, TE_KEY)
+        details = {
+            "latent_dtype": cache_dtype(step.entries, "latents"),
+            "controls": [list(shape) for shape, _ in step.controls],
+            "control_dtypes": [dtype for _, dtype in step.controls],
+            "text_dim": int(text["shape"][-1]),
+            "text_dtype": text["dtype"],
+        }
+        return step.step_shape(int(text["shape"][-2]), details)
 
     def make_fake_batch(self, args: argparse.Namespace, shape: StepShape) -> dict[str, Any]:
         d = shape.details

@@ -17,27 +17,20 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.dataset.cache_format import read_header
 from musubi_tuner.memory.cache_headers import cache_dtype, cache_entry, numel, torch_dtype
-from musubi_tuner.memory.hooks import StepShape
-from musubi_tuner.utils.errors import UserError
+from musubi_tuner.memory.dataset_scan import largest_cached_step, longest_text_cache
+from musubi_tuner.memory.hooks import StepShape, TracedDiT, argv_names_one_of
 from musubi_tuner.wan.configs import task_names
 
 _CONDITIONS = ("latents_image", "clip", "latents_control")
 
 
-class _OneExpert:
+class _OneExpert(TracedDiT):
     """A ``WanExpertPair`` as the traced step sees it with ``--expert both``: always the low-noise expert (routing reads
-    timestep values). Attribute reads go to the pair, so its parameters stay registered."""
-
-    def __init__(self, pair: torch.nn.Module):
-        self._pair = pair
+    timestep values). Attribute reads go to the pair."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._pair.expert("low")(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pair, name)
+        return self._dit.expert("low")(*args, **kwargs)
 
 
 class WanMemoryHooks:
@@ -49,53 +42,25 @@ class WanMemoryHooks:
 
     def detect(self, argv: list[str]) -> bool:
         """``--task`` naming a Wan task (``t2v-14B`` is the scripts' default: pass ``--arch wan`` without it)."""
-        names = set(task_names())
-        for i, a in enumerate(argv):
-            value = a.split("=", 1)[1] if a.startswith("--task=") else None
-            if a == "--task" and i + 1 < len(argv):
-                value = argv[i + 1]
-            if value in names:
-                return True
-        return False
+        return argv_names_one_of(argv, "--task", set(task_names()))
 
     def step_shape(self, args: argparse.Namespace, trainer: Any, train_group: Any) -> StepShape:
         """The largest bucket (B·F·H·W) over the training datasets, with the longest caption of that dataset."""
-        best = None
-        buckets = set()
-        for ds in train_group.datasets:
-            for item in ds.items:
-                if item.latent_shape is None:
-                    continue
-                buckets.add(tuple(item.latent_shape))
-                size = ds.batch_size * numel(item.latent_shape)
-                if best is None or size > best[0]:
-                    best = (size, ds, item)
-        if best is None:
-            raise UserError(f"{args.dataset_config}: no cached latents found; run wan_cache_latents.py first")
-        _, ds, item = best
-        entries, _ = read_header(item.latent_path)
-        details: dict[str, Any] = {"latent_dtype": cache_dtype(entries, "latents")}
+        step = largest_cached_step(
+            train_group.datasets, missing=f"{args.dataset_config}: no cached latents found; run wan_cache_latents.py first"
+        )
+        details: dict[str, Any] = {"latent_dtype": cache_dtype(step.entries, "latents")}
         for key in _CONDITIONS:
-            e = cache_entry(entries, key)
+            e = cache_entry(step.entries, key)
             if e is not None:
                 details[key] = [int(s) for s in e["shape"]]
                 details[key + "_dtype"] = e["dtype"]
-        text_len, text_dim, text_dtype = 0, 0, "bfloat16"
-        for other in ds.items:  # the longest caption of the dataset (text length is per item)
-            te, _ = read_header(other.te_path)
-            e = cache_entry(te, "t5")
-            if e is None:
-                raise UserError(f"{other.te_path}: no Wan T5 states (varlen_t5); run wan_cache_text_encoder_outputs.py")
-            if int(e["shape"][-2]) > text_len:
-                text_len, text_dim, text_dtype = int(e["shape"][-2]), int(e["shape"][-1]), e["dtype"]
-        details.update(text_dim=text_dim, text_dtype=text_dtype)
-        return StepShape(
-            batch=ds.batch_size,
-            latent=tuple(int(s) for s in item.latent_shape),
-            text_len=text_len,
-            buckets=len(buckets),
-            details=details,
+        te = longest_text_cache(
+            step.dataset.items, "t5", "{path}: no Wan T5 states (varlen_t5); run wan_cache_text_encoder_outputs.py"
         )
+        t5 = cache_entry(te, "t5")
+        details.update(text_dim=int(t5["shape"][-1]), text_dtype=t5["dtype"])
+        return step.step_shape(int(t5["shape"][-2]), details)
 
     def make_fake_batch(self, args: argparse.Namespace, shape: StepShape) -> dict[str, Any]:
         d = shape.details
