@@ -134,11 +134,14 @@ def _spec_split(n, d, s):
 def test_block_swap_split_matches_the_documented_maximum(version, documented_max):
     """specs/flux2.md §9: with fp8 the maximum --blocks_to_swap is dev 29, klein-4b 13, klein-9b 16."""
     from musubi_tuner.flux_2.models.dit import max_blocks_to_swap
+    from musubi_tuner.memory import formulas as memory_formulas
 
     with torch.device("meta"):
         dit = Flux2(**dit_params_for(version))
     d, s = len(dit.double_blocks), len(dit.single_blocks)
     assert max_blocks_to_swap(d, s, keep=2) == documented_max
+    # the memory estimator suggests the same maximum the trainer's clamp names
+    assert memory_formulas.max_blocks_to_swap(dit, training=True) == documented_max
     assert _spec_split(documented_max, d, s) is not None and _spec_split(documented_max + 1, d, s) is None
     for n in range(1, documented_max + 1):
         assert tuple(dit._split_blocks_to_swap(n, training=True)) == _spec_split(n, d, s), n

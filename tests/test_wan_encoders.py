@@ -102,6 +102,18 @@ def test_umt5_streamed_from_pth_hf_dir_and_safetensors_equals_full_load(tmp_path
             assert torch.equal(g, want[i, : g.shape[0]]), (src, i)
 
 
+def test_fp8_t5_estimate_is_the_loaded_encoder_size(wan_i2v_bundle):
+    """``--estimate_memory --fp8_t5`` sizes UMT5 from the checkpoint headers as the loader stores it (fp8 block
+    matrices, bf16 embedding, norms and relative-position tables), without loading it."""
+    from musubi_tuner.wan.memory import _t5_fp8_bytes
+
+    enc = WanT5Encoder.load(
+        wan_i2v_bundle.t5, tokenizer=wan_i2v_bundle.t5.parent / "google" / "umt5-xxl", dtype=torch.bfloat16, fp8=True
+    )
+    loaded = {p.data_ptr(): p.numel() * p.element_size() for p in enc.model.parameters()}
+    assert _t5_fp8_bytes(str(wan_i2v_bundle.t5)) == sum(loaded.values())
+
+
 def test_open_clip_pth_matches_transformers_penultimate_layer(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 

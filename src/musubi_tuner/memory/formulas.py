@@ -69,16 +69,9 @@ def block_swap_saved(model: nn.Module, blocks_to_swap: int, training: bool) -> t
 
 
 def max_blocks_to_swap(model: nn.Module, training: bool) -> int:
-    """The largest ``--blocks_to_swap`` whose split the offloader accepts (N-2 per list in training, N-1 otherwise)."""
-    lists = model._block_lists()
-    keep = 2 if training else 1
-    best, most = 0, 0
-    for s in range(1, sum(len(b) for b in lists) + 1):
-        split = model._split_blocks_to_swap(s, training=training)
-        # the smallest count giving the most swapped blocks (models cap their split, larger counts change nothing)
-        if all(n <= max(0, len(b) - keep) for b, n in zip(lists, split)) and sum(split) > most:
-            best, most = s, sum(split)
-    return best
+    """The largest useful ``--blocks_to_swap`` of a block-swap DiT (its own ``max_blocks_to_swap``: the number the
+    trainer's and generator's clamp warning names)."""
+    return int(model.max_blocks_to_swap(training))
 
 
 def activation_offload_saved(kept_inputs: Iterable[int]) -> int:

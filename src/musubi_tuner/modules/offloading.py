@@ -433,6 +433,16 @@ class BlockSwapMixin:
                 _disable_dynamo_on_linears(blocks)
         logger.info("block swap: %s of the blocks %s swapped", counts, [len(b) for b in lists])
 
+    def max_blocks_to_swap(self, training: bool) -> int:
+        """The largest ``--blocks_to_swap`` that swaps more than a smaller count would (the estimator's and the
+        trainers' maximum; models whose count is not a block count, like FLUX.2's, override it)."""
+        best, most = 0, 0
+        for n in range(1, sum(len(b) for b in self._block_lists()) + 1):
+            swapped = sum(self._clamped_split(n, training))
+            if swapped > most:
+                best, most = n, swapped
+        return best
+
     def _clamped_split(self, num_blocks: int, training: bool) -> list[int]:
         """``_split_blocks_to_swap`` with each count capped at what ``ModelOffloader`` accepts for its list."""
         counts = self._split_blocks_to_swap(num_blocks, training=training)

@@ -13,6 +13,7 @@ either expert allocates the same, the two share dims.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 import torch
@@ -121,6 +122,25 @@ def _checkpoint_bytes(path: str, what: str, notes: list[str]) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def _t5_fp8_bytes(path: str) -> int:
+    """UMT5 as ``--fp8_t5`` loads it: the blocks' Linear weights at one byte per element, everything else in bfloat16
+    (the 256k-token embedding above all, about a fifth of UMT5-XXL). Read from the checkpoint's tensor headers only."""
+    from musubi_tuner.utils.safetensors_utils import open_weights
+    from musubi_tuner.wan.text_encoders import umt5_weights_file
+
+    total = 0
+    with open_weights(umt5_weights_file(path)) as reader:
+        keys = reader.keys()
+        for key in keys:
+            if key == "encoder.embed_tokens.weight" and "shared.weight" in keys:
+                continue  # tied to shared.weight: one tensor in the model
+            shape = reader.get_shape(key)
+            linear = key.startswith(("blocks.", "encoder.block.")) and len(shape) == 2
+            linear = linear and "pos_embedding" not in key and "relative_attention_bias" not in key
+            total += math.prod(shape) * (1 if linear else 2)
+    return total
+
+
 def estimate_wan_generation(args: argparse.Namespace) -> dict[str, Any]:
     """``wan_generate_video.py --estimate_memory``: the generation estimate for parsed, validated arguments.
 
@@ -181,10 +201,7 @@ def estimate_wan_generation(args: argparse.Namespace) -> dict[str, Any]:
 
         return make
 
-    t5 = _checkpoint_bytes(args.t5, "--t5", notes) if args.t5 else 0
-    if args.fp8_t5:
-        t5 //= 2
-        notes.append("--fp8_t5: T5 weights estimated at half their bf16 size")
+    t5 = (_t5_fp8_bytes(args.t5) if args.fp8_t5 else _checkpoint_bytes(args.t5, "--t5", notes)) if args.t5 else 0
     te = {"UMT5": (t5, True)}
     if args.clip:
         te["CLIP"] = (_checkpoint_bytes(args.clip, "--clip", notes), True)

@@ -130,6 +130,12 @@ def _umt5_weights_of_dir(p: Path) -> Path:
     raise UserError(f"{p}: no *.safetensors or pytorch_model.bin in the T5 encoder directory (--t5)")
 
 
+def umt5_weights_file(path: str | os.PathLike) -> Path:
+    """The weights ``--t5`` names: the file itself, or those of an HF directory (``_umt5_weights_of_dir``)."""
+    p = Path(path)
+    return _umt5_weights_of_dir(p) if p.is_dir() else p
+
+
 def _stream_umt5(model: Any, reader: WeightsReader, key_map: KeyMap, dtype: torch.dtype, device: Any, fp8: bool) -> None:
     """Weights streamed tensor by tensor into the meta-built encoder (``--fp8_t5``: Linear weights of the blocks cast
     to fp8 on the way, upcast at compute time), so the peak host memory stays near the final model size."""

@@ -306,9 +306,13 @@ class Flux2(BlockSwapMixin, GradientCheckpointingMixin, nn.Module):
         resident in training, 1 in inference."""
         return list(swap_split(n, len(self.double_blocks), len(self.single_blocks), keep=2 if training else 1))
 
+    def max_blocks_to_swap(self, training: bool) -> int:
+        """The spec's maximum ``--blocks_to_swap`` (one double block counts as two single blocks)."""
+        return max_blocks_to_swap(len(self.double_blocks), len(self.single_blocks), keep=2 if training else 1)
+
     def enable_block_swap(self, num_blocks: int, config: BlockSwapConfig) -> None:
         """The mixin's block swap, with a count above this DiT's maximum lowered to it (and a warning naming it)."""
-        limit = max_blocks_to_swap(len(self.double_blocks), len(self.single_blocks), keep=2 if config.supports_backward else 1)
+        limit = self.max_blocks_to_swap(config.supports_backward)
         if num_blocks > limit:
             logger.warning(
                 f"--blocks_to_swap {num_blocks}: this FLUX.2 DiT swaps at most {limit} (double/single blocks "
