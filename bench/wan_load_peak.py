@@ -42,18 +42,18 @@ def write(work: Path, layers: int, t5_width: int, t5_layers: int = 8) -> None:
     from safetensors.torch import save_file
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from musubi_tuner.demo.wan_bundle import _seeded
+    from musubi_tuner.demo.snapshot_io import seeded
     from musubi_tuner.wan.models.dit import WanModel
     from musubi_tuner.wan.text_encoders import umt5_official_to_hf
 
-    with _seeded(0):
+    with seeded(0):
         m = WanModel(**_params(layers))
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in m.state_dict().items()}, str(work / "dit.safetensors"),
               metadata={"wan_dit_config": json.dumps({**_params(layers), "patch_size": [1, 2, 2]})})  # fmt: skip
     del m
     cfg = UMT5Config(vocab_size=32000, d_model=t5_width, d_kv=64, d_ff=t5_width * 5 // 2, num_layers=t5_layers, num_heads=t5_width // 64,
                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
-    with _seeded(1):
+    with seeded(1):
         t5 = UMT5EncoderModel(cfg)
     hf = t5.state_dict()
     names = ["token_embedding.weight", "norm.weight"] + [

@@ -6,15 +6,15 @@ import pytest
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2Pipeline
 
-from musubi_tuner.demo.bundles import _seeded
 from musubi_tuner.demo.flux2_bundles import TINY_VAE
+from musubi_tuner.demo.snapshot_io import seeded
 from musubi_tuner.flux_2.vae import bfl_to_diffusers_key, diffusers_to_bfl_key, load_flux2_vae, patchify, unpatchify
 from musubi_tuner.utils.errors import UserError
 
 
 def _reference_vae(seed: int) -> AutoencoderKLFlux2:
     """The model the bundle wrote (same construction and seed)."""
-    with _seeded(seed):
+    with seeded(seed):
         vae = AutoencoderKLFlux2(**TINY_VAE)
         vae.bn.running_mean.copy_(0.1 * torch.randn(128))
         vae.bn.running_var.copy_(0.5 + torch.rand(128))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from musubi_tuner.demo.wan_bundle import TINY_VAE_CONFIG, _seeded, write_tiny_clip
+from musubi_tuner.demo.snapshot_io import seeded
+from musubi_tuner.demo.wan_bundle import TINY_VAE_CONFIG, write_tiny_clip
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.wan.text_encoders import WanClipEncoder, WanT5Encoder, umt5_official_to_hf
 from musubi_tuner.wan.vae import infer_official_config, load_wan_vae
@@ -121,7 +122,7 @@ def test_open_clip_pth_matches_transformers_penultimate_layer(tmp_path):
     enc = WanClipEncoder.load(path, dtype=torch.float32)
     import json
 
-    with _seeded(5):
+    with seeded(5):
         ref = CLIPVisionModel(CLIPVisionConfig(**json.loads(path.with_suffix(".pth.json").read_text())))
     ref = ref.half().float().eval()  # the file is stored in fp16
     img = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -184,7 +185,7 @@ def test_official_wan22_vae_pth_and_safetensors_equal_diffusers(tmp_path):
     from musubi_tuner.wan.vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WanVae, infer_official_wan22_config
 
     cfg = {**TINY_VAE22_CONFIG, "decoder_base_dim": 12, "latents_mean": WAN22_LATENTS_MEAN, "latents_std": WAN22_LATENTS_STD}
-    with _seeded(3):
+    with seeded(3):
         ref = AutoencoderKLWan(**cfg).eval()
     official = _diffusers_vae22_to_official({k: v.detach().clone() for k, v in ref.state_dict().items()}, num_res=2)
     assert "encoder.downsamples.1.downsamples.2.time_conv.weight" in official  # the official nesting

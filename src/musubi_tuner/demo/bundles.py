@@ -17,18 +17,18 @@ Everything is first written to a temporary sibling directory, then renamed into 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from musubi_tuner.demo.qwen25vl import TinyQwen25VLDims, train_qwen_bpe, write_qwen25vl_snapshot
+from musubi_tuner.demo.snapshot_io import added_tokens_decoder, seeded, write_json
 from musubi_tuner.kandinsky5.models.loading import DIT_CONFIG_METADATA_KEY
 from musubi_tuner.kandinsky5.vae import FLUX1_VAE_CONFIG
 from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
@@ -58,9 +58,6 @@ QWEN_SPECIAL_TOKENS = (
 )
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
-_QWEN_PRETOKENIZE = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 _CLIP_PRETOKENIZE = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
@@ -160,14 +157,6 @@ class K5Bundle:
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's global RNG (module default inits use it) without disturbing the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def randomize_k5_dit_(model: torch.nn.Module, seed: int) -> None:
     """Overwrite every parameter with seeded random values that keep activations O(1).
 
@@ -188,10 +177,6 @@ def randomize_k5_dit_(model: torch.nn.Module, seed: int) -> None:
             p.copy_(val.to(p.dtype))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 # ------------------------------------------------------------------------------------------------------------ writers
 
 
@@ -202,7 +187,7 @@ def write_tiny_dit(
     from diffusers import Kandinsky5Transformer3DModel
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _seeded(seed):
+    with seeded(seed):
         model = Kandinsky5Transformer3DModel(**config)
     randomize_k5_dit_(model, seed)
     sd = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
@@ -217,7 +202,7 @@ def write_tiny_hunyuan_vae(out_dir: Path, seed: int, *, file_name: str = "hunyua
     """Write the HunyuanVideo VAE as a diffusers directory plus the single-file form (same keys, config in metadata)."""
     from diffusers import AutoencoderKLHunyuanVideo
 
-    with _seeded(seed):
+    with seeded(seed):
         vae = AutoencoderKLHunyuanVideo(**TINY_HUNYUAN_VAE_CONFIG)
     vae.save_pretrained(out_dir, safe_serialization=True)
     single = out_dir.parent / file_name
@@ -231,37 +216,16 @@ def write_tiny_flux_vae(out_dir: Path, seed: int) -> Path:
     """Write a FLUX.1-style ``AutoencoderKL`` diffusers directory (16 latent channels, ×8)."""
     from diffusers import AutoencoderKL
 
-    with _seeded(seed):
+    with seeded(seed):
         vae = AutoencoderKL(**TINY_FLUX_VAE_CONFIG)
     vae.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 
 def _train_qwen_tokenizer(vocab_size: int) -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
     from musubi_tuner.demo.tokenizer_corpus import corpus_lines
 
-    tok = Tokenizer(
-        models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
-    )
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=list(QWEN_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus_lines(), trainer=trainer)
-    return tok
+    return train_qwen_bpe(corpus_lines(), vocab_size, QWEN_SPECIAL_TOKENS)
 
 
 def _train_clip_tokenizer(vocab_size: int) -> Any:
@@ -300,107 +264,21 @@ def _train_clip_tokenizer(vocab_size: int) -> Any:
     return tok
 
 
-def _added_tokens_decoder(tok: Any, names: tuple[str, ...]) -> dict[str, dict]:
-    return {
-        str(tok.token_to_id(t)): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for t in names
-    }
-
-
 def write_tiny_qwen25vl(out_dir: Path, seed: int) -> Path:
     """Write a Qwen2.5-VL HF snapshot: tiny 2-layer text model (width 32, 2 heads of 16, mrope [2, 2, 4]), 1-layer
     vision tower, byte-level BPE tokenizer with the chat special tokens, processor config."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     tok = _train_qwen_tokenizer(QWEN_VOCAB)
-    tok.save(str(out_dir / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
-    vocab_size = tok.get_vocab_size()
-    _write_json(
-        out_dir / "tokenizer_config.json",
-        {
-            "tokenizer_class": "Qwen2Tokenizer",
-            "add_prefix_space": False,
-            "bos_token": None,
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "unk_token": None,
-            "model_max_length": 32768,
-            "clean_up_tokenization_spaces": False,
-            "errors": "replace",
-            "split_special_tokens": False,
-            "added_tokens_decoder": _added_tokens_decoder(tok, QWEN_SPECIAL_TOKENS),
-            "extra_special_tokens": {},
-        },
+    dims = TinyQwen25VLDims(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=QWEN_HIDDEN,
+        text_intermediate_size=64,
+        num_key_value_heads=1,
+        vision_depth=1,
+        vision_hidden_size=16,
     )
-    _write_json(
-        out_dir / "preprocessor_config.json",
-        {
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2_5_VLProcessor",
-            "do_resize": True,
-            "do_rescale": True,
-            "do_normalize": True,
-            "do_convert_rgb": True,
-            "rescale_factor": 1 / 255,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "min_pixels": 56 * 56,
-            "max_pixels": 28 * 28 * 256,
-            "patch_size": 14,
-            "temporal_patch_size": 2,
-            "merge_size": 2,
-        },
+    return write_qwen25vl_snapshot(
+        out_dir, seed, tok, QWEN_SPECIAL_TOKENS, dims, extra_tokenizer_config={"extra_special_tokens": {}}
     )
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": QWEN_HIDDEN,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 2, 4]},
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-            "tie_word_embeddings": False,
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_heads": 2,
-            "out_hidden_size": QWEN_HIDDEN,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [0],
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-    )
-    with _seeded(seed):
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
 
 
 def write_tiny_clip_text(out_dir: Path, seed: int) -> Path:
@@ -411,7 +289,7 @@ def write_tiny_clip_text(out_dir: Path, seed: int) -> Path:
     tok = _train_clip_tokenizer(CLIP_VOCAB)
     tok.save(str(out_dir / "tokenizer.json"))
     bos, eos = tok.token_to_id(CLIP_BOS), tok.token_to_id(CLIP_EOS)
-    _write_json(
+    write_json(
         out_dir / "tokenizer_config.json",
         {
             "tokenizer_class": "CLIPTokenizer",
@@ -422,7 +300,7 @@ def write_tiny_clip_text(out_dir: Path, seed: int) -> Path:
             "model_max_length": 77,
             "do_lower_case": True,
             "clean_up_tokenization_spaces": True,
-            "added_tokens_decoder": _added_tokens_decoder(tok, (CLIP_BOS, CLIP_EOS)),
+            "added_tokens_decoder": added_tokens_decoder(tok, (CLIP_BOS, CLIP_EOS)),
         },
     )
     config = CLIPTextConfig(
@@ -438,7 +316,7 @@ def write_tiny_clip_text(out_dir: Path, seed: int) -> Path:
         eos_token_id=eos,
         pad_token_id=eos,
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = CLIPTextModel(config)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
@@ -490,7 +368,7 @@ def write_k5_bundle(
             "text_encoder_qwen": "text_encoder",
             "text_encoder_clip": "text_encoder_2",
         }
-        _write_json(
+        write_json(
             tmp / MANIFEST, {"version": BUNDLE_VERSION, "task": task, "seed": seed, "dit_config": dit_config, "paths": paths}
         )
         if root.exists():

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.demo.bundles import QWEN_SPECIAL_TOKENS, _added_tokens_decoder, _seeded, _train_qwen_tokenizer, _write_json
+from musubi_tuner.demo.bundles import QWEN_SPECIAL_TOKENS, _train_qwen_tokenizer
+from musubi_tuner.demo.snapshot_io import added_tokens_decoder, seeded, write_json
 from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
@@ -125,7 +126,7 @@ def write_tiny_flux2_vae(path: Path, seed: int) -> Path:
 
     from musubi_tuner.flux_2.vae import diffusers_to_bfl_key
 
-    with _seeded(seed):
+    with seeded(seed):
         vae = AutoencoderKLFlux2(**TINY_VAE)
         vae.bn.running_mean.copy_(0.1 * torch.randn(128))
         vae.bn.running_var.copy_(0.5 + torch.rand(128))
@@ -142,7 +143,7 @@ def write_tiny_flux2_vae(path: Path, seed: int) -> Path:
 
 def _tokenizer_files(out_dir: Path, tok: Any, specials: tuple[str, ...], config: dict) -> None:
     tok.save(str(out_dir / "tokenizer.json"))
-    _write_json(out_dir / "tokenizer_config.json", {**config, "added_tokens_decoder": _added_tokens_decoder(tok, specials)})
+    write_json(out_dir / "tokenizer_config.json", {**config, "added_tokens_decoder": added_tokens_decoder(tok, specials)})
 
 
 def write_tiny_qwen3(out_dir: Path, seed: int) -> Path:
@@ -182,7 +183,7 @@ def write_tiny_qwen3(out_dir: Path, seed: int) -> Path:
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=True,
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = Qwen3ForCausalLM(config)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
@@ -252,7 +253,7 @@ def write_tiny_mistral3(out_dir: Path, seed: int) -> Path:
         image_token_index=ids["[IMG]"],
         spatial_merge_size=1,
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = Mistral3ForConditionalGeneration(config)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
@@ -285,7 +286,7 @@ def write_flux2_bundle(out_dir: str | os.PathLike, *, seed: int = 0, overwrite: 
         write_tiny_flux2_vae(tmp / paths["vae"], seed + 2)
         write_tiny_qwen3(tmp / paths["text_encoder_qwen3"], seed + 3)
         write_tiny_mistral3(tmp / paths["text_encoder_mistral3"], seed + 4)
-        _write_json(tmp / MANIFEST, {"version": BUNDLE_VERSION, "seed": seed, "paths": paths})
+        write_json(tmp / MANIFEST, {"version": BUNDLE_VERSION, "seed": seed, "paths": paths})
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.demo.bundles import QWEN_HIDDEN, _seeded, _write_json
+from musubi_tuner.demo.bundles import QWEN_HIDDEN
 from musubi_tuner.demo.qwen_image_vl import write_tiny_qwen_image_vl
+from musubi_tuner.demo.snapshot_io import seeded, write_json
 from musubi_tuner.qwen_image.models.loading import DIT_CONFIG_METADATA_KEY
 from musubi_tuner.qwen_image.vae import VAE_CONFIG_METADATA_KEY
 from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
@@ -107,7 +108,7 @@ def write_tiny_dit(out_dir: Path, seed: int) -> dict[str, Path]:
         ("qwen_image_layered_tiny", {"use_additional_t_cond": True, "use_layer3d_rope": True}),
     ):
         cfg = {**TINY_DIT_CONFIG, **extra}
-        with _seeded(seed):
+        with seeded(seed):
             model = QwenImageTransformer2DModel(**cfg)
         randomize_(model, seed)
         sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
@@ -155,7 +156,7 @@ def write_tiny_vae(root: Path, seed: int) -> None:
 
     for channels, file_name in ((3, "qwen_image_vae.safetensors"), (4, "qwen_image_layered_vae.safetensors")):
         cfg = {**TINY_VAE_CONFIG, "input_channels": channels}
-        with _seeded(seed + channels):
+        with seeded(seed + channels):
             vae = AutoencoderKLQwenImage(**cfg)
         if channels == 3:
             vae.save_pretrained(root / "vae", safe_serialization=True)
@@ -193,7 +194,7 @@ def write_qwen_image_bundle(out_dir: str | os.PathLike, *, seed: int = 0, overwr
             "vae_layered": "qwen_image_layered_vae.safetensors",
             "text_encoder": "text_encoder",
         }
-        _write_json(tmp / MANIFEST, {"version": BUNDLE_VERSION, "seed": seed, "paths": paths})
+        write_json(tmp / MANIFEST, {"version": BUNDLE_VERSION, "seed": seed, "paths": paths})
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)

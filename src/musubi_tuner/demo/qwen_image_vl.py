@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from musubi_tuner.demo.bundles import _QWEN_PRETOKENIZE, QWEN_HIDDEN, _seeded, _write_json
+from musubi_tuner.demo.bundles import QWEN_HIDDEN
+from musubi_tuner.demo.qwen25vl import TinyQwen25VLDims, train_qwen_bpe, write_qwen25vl_snapshot
 
 # The release's special tokens from id 151643 on, in id order (tokenizers numbers added tokens after the vocab).
 QWEN_FIRST_SPECIAL_ID = 151643
@@ -47,22 +48,9 @@ def _corpus() -> list[str]:
 
 def train_release_id_tokenizer():
     """A byte-level BPE ``tokenizers.Tokenizer`` with the Qwen2.5 pre-tokenizer and the release's special-token ids."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=_BPE_VOCAB, min_frequency=1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    data = json.loads(tok.to_str())
+    data = json.loads(train_qwen_bpe(_corpus(), _BPE_VOCAB).to_str())
     vocab = data["model"]["vocab"]
     for i in range(len(vocab), QWEN_FIRST_SPECIAL_ID):
         vocab[f"<|unused_{i}|>"] = i
@@ -73,89 +61,12 @@ def train_release_id_tokenizer():
 
 def write_tiny_qwen_image_vl(out_dir: Path, seed: int) -> Path:
     """Write the tiny Qwen2.5-VL snapshot (model, tokenizer, image processor config) to ``out_dir``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = train_release_id_tokenizer()
-    tok.save(str(out_dir / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in QWEN_RELEASE_SPECIALS}
-    _write_json(
-        out_dir / "tokenizer_config.json",
-        {
-            "tokenizer_class": "Qwen2Tokenizer",
-            "add_prefix_space": False,
-            "bos_token": None,
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "unk_token": None,
-            "model_max_length": 32768,
-            "clean_up_tokenization_spaces": False,
-            "errors": "replace",
-            "split_special_tokens": False,
-            "added_tokens_decoder": {
-                str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-                for t, i in ids.items()
-            },
-        },
+    dims = TinyQwen25VLDims(
+        vocab_size=QWEN_RELEASE_VOCAB,
+        hidden_size=QWEN_HIDDEN,
+        text_intermediate_size=32,
+        num_key_value_heads=2,
+        vision_depth=2,
+        vision_hidden_size=32,
     )
-    _write_json(
-        out_dir / "preprocessor_config.json",
-        {
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2_5_VLProcessor",
-            "do_resize": True,
-            "do_rescale": True,
-            "do_normalize": True,
-            "do_convert_rgb": True,
-            "rescale_factor": 1 / 255,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "min_pixels": 56 * 56,
-            "max_pixels": 28 * 28 * 256,
-            "patch_size": 14,
-            "temporal_patch_size": 2,
-            "merge_size": 2,
-        },
-    )
-    special = {
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": QWEN_RELEASE_VOCAB,
-            "hidden_size": QWEN_HIDDEN,
-            "intermediate_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 2, 4]},
-            "tie_word_embeddings": False,
-            **special,
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 32,
-            "num_heads": 2,
-            "out_hidden_size": QWEN_HIDDEN,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [1],
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-        **special,
-    )
-    with _seeded(seed):
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return write_qwen25vl_snapshot(out_dir, seed, train_release_id_tokenizer(), QWEN_RELEASE_SPECIALS, dims)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.demo.bundles import _seeded, _write_json
+from musubi_tuner.demo.snapshot_io import seeded, write_json
 from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
@@ -153,7 +153,7 @@ def write_tiny_vae(out_dir: Path, seed: int) -> tuple[Path, Path]:
     from diffusers import AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    with _seeded(seed):
+    with seeded(seed):
         vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
     sd = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
     official = diffusers_vae_to_official(sd)
@@ -170,7 +170,7 @@ def write_tiny_vae22(out_dir: Path, seed: int) -> Path:
     """The Wan 2.2 VAE (48 channels, ×16) as a diffusers directory."""
     from diffusers import AutoencoderKLWan
 
-    with _seeded(seed):
+    with seeded(seed):
         vae = AutoencoderKLWan(**TINY_VAE22_CONFIG)
     vae.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
@@ -203,7 +203,7 @@ def write_tiny_umt5(out_dir: Path, seed: int) -> Path:
     tok_dir.mkdir(parents=True, exist_ok=True)
     tok = _train_t5_tokenizer()
     tok.save(str(tok_dir / "tokenizer.json"))
-    _write_json(
+    write_json(
         tok_dir / "tokenizer_config.json",
         {
             "tokenizer_class": "T5TokenizerFast",
@@ -213,7 +213,7 @@ def write_tiny_umt5(out_dir: Path, seed: int) -> Path:
             "model_max_length": 512,
         },
     )
-    _write_json(tok_dir / "special_tokens_map.json", {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
+    write_json(tok_dir / "special_tokens_map.json", {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
     cfg = UMT5Config(
         vocab_size=tok.get_vocab_size(),
         d_model=T5_WIDTH,
@@ -228,7 +228,7 @@ def write_tiny_umt5(out_dir: Path, seed: int) -> Path:
         pad_token_id=0,
         eos_token_id=1,
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = UMT5EncoderModel(cfg)
     hf = model.state_dict()
     official: dict[str, torch.Tensor] = {}
@@ -268,7 +268,7 @@ def write_tiny_clip(out_dir: Path, seed: int) -> Path:
         hidden_act="gelu",
         layer_norm_eps=1e-5,
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = CLIPVisionModel(CLIPVisionConfig(**cfg))
     sd = {k.removeprefix("vision_model."): v for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {
@@ -295,7 +295,7 @@ def write_tiny_clip(out_dir: Path, seed: int) -> Path:
                 out[f"{o}.{ours}.{kind}"] = sd[f"{b}.{theirs}.{kind}"]
     path = out_dir / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
     torch.save({k: v.detach().to(torch.float16).contiguous() for k, v in out.items()}, path)
-    _write_json(path.with_suffix(path.suffix + ".json"), cfg)
+    write_json(path.with_suffix(path.suffix + ".json"), cfg)
     return path
 
 
@@ -370,7 +370,7 @@ def write_wan_bundle(out_dir: str | os.PathLike, *, task: str = "t2v-1.3B", seed
         if cfg.clip:
             write_tiny_clip(tmp, seed + 4)
             paths["clip"] = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
-        _write_json(
+        write_json(
             tmp / MANIFEST,
             {"version": BUNDLE_VERSION, "task": task, "seed": seed, "dit_config": tiny_dit_params(task), "paths": paths},
         )
