@@ -6,6 +6,8 @@ own copy, function scope) or copy what it needs into ``tmp_path``.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from musubi_tuner.demo.bundles import K5Bundle, write_k5_bundle
@@ -97,3 +99,13 @@ def wan_a14b_bundle(tmp_path_factory: pytest.TempPathFactory):
     from musubi_tuner.demo.wan_bundle import write_wan_bundle
 
     return write_wan_bundle(tmp_path_factory.mktemp("wan_a14b") / "bundle", task="i2v-A14B", seed=0)
+
+
+@pytest.fixture
+def project_log(caplog):
+    """``caplog`` with the records of the project loggers (they do not propagate to the root logger), INFO and up."""
+    logger = logging.getLogger("musubi_tuner")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="musubi_tuner")
+    yield caplog
+    logger.removeHandler(caplog.handler)

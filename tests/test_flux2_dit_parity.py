@@ -236,19 +236,7 @@ def test_block_swap_and_checkpointing_keep_outputs_and_grads():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-@pytest.fixture
-def flux2_log(caplog):
-    """Records of the project loggers (they do not propagate to the root logger)."""
-    import logging
-
-    logger = logging.getLogger("musubi_tuner")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="musubi_tuner")
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
-
-def test_distilled_and_base_klein_cannot_be_told_apart_but_the_file_name_warns(flux2_bundle, tmp_path, flux2_log):
+def test_distilled_and_base_klein_cannot_be_told_apart_but_the_file_name_warns(flux2_bundle, tmp_path, project_log):
     """Same keys and shapes, no variant in real files: a base-named file loads as klein-4b with a warning naming both
     variants' defaults; a matching name or a file that declares its variant gives no warning."""
     from safetensors import safe_open
@@ -262,13 +250,13 @@ def test_distilled_and_base_klein_cannot_be_told_apart_but_the_file_name_warns(f
     base_named = tmp_path / "flux2-klein-base-4b.safetensors"
     save_file(load_file(str(flux2_bundle.dit_klein)), str(base_named), config_only)
     load_dit(get_model_version("klein-4b"), base_named, dtype=torch.float32)
-    (msg,) = [r.getMessage() for r in flux2_log.records if "file name suggests" in r.getMessage()]
+    (msg,) = [r.getMessage() for r in project_log.records if "file name suggests" in r.getMessage()]
     assert "suggests FLUX.2 klein-base-4b, but --model_version is klein-4b (4 steps, guidance 1.0, no CFG" in msg
     assert "klein-base-4b: 50 steps, guidance 4.0, true CFG" in msg
-    flux2_log.clear()
+    project_log.clear()
     load_dit(get_model_version("klein-base-4b"), base_named, dtype=torch.float32)
     load_dit(get_model_version("klein-4b"), flux2_bundle.dit_klein, dtype=torch.float32)  # declares klein-4b
-    assert not [r for r in flux2_log.records if "file name suggests" in r.getMessage()]
+    assert not [r for r in project_log.records if "file name suggests" in r.getMessage()]
     from pathlib import Path
 
     assert warn_if_name_suggests_twin(Path("flux2-klein-9b.safetensors"), get_model_version("klein-base-9b"))

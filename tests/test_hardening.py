@@ -7,7 +7,6 @@ the input allows; no option is silently ignored; nothing partial is left under a
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import subprocess
@@ -83,16 +82,6 @@ def exit_2(main, argv: list[str], capsys) -> str:
     assert info.value.code == 2, err
     assert "Traceback" not in err and "error: " in err
     return err
-
-
-@pytest.fixture
-def project_log(caplog):
-    """Records of the project loggers (they do not propagate to the root logger)."""
-    logger = logging.getLogger("musubi_tuner")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="musubi_tuner")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -34,13 +34,19 @@ def inputs():
     return torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([600.0]), [torch.randn(9, 32, generator=g)]
 
 
-def lora_step(model: WanModel) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def fresh_lora(model):
+    """A rank-4 LoRA applied to ``model`` with seeded non-zero up weights (so it changes the output)."""
     torch.manual_seed(5)
     net = create_arch_network(1.0, 4, 4, None, None, model)
     net.apply_to(None, model, apply_text_encoder=False, apply_unet=True)
     for n, p in net.named_parameters():
         if "lora_up" in n:
             torch.nn.init.normal_(p, std=0.1)
+    return net
+
+
+def lora_step(model: WanModel) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    net = fresh_lora(model)
     x, t, ctx = inputs()
     out = model(x, t, ctx)
     out.square().mean().backward()
@@ -165,12 +171,7 @@ def _pair_steps(swap: bool, offload: bool) -> tuple[list[torch.Tensor], list[tor
     from musubi_tuner.wan.training import WanExpertPair
 
     pair = WanExpertPair(tiny(4, seed=0), tiny(4, seed=1), offload_inactive=offload)
-    torch.manual_seed(5)
-    net = create_arch_network(1.0, 4, 4, None, None, pair)
-    net.apply_to(None, pair, apply_text_encoder=False, apply_unet=True)
-    for n, p in net.named_parameters():
-        if "lora_up" in n:
-            torch.nn.init.normal_(p, std=0.1)
+    net = fresh_lora(pair)
     if swap:
         pair.enable_block_swap(2, BlockSwapConfig("cpu", supports_backward=True, debug=True))
         pair.move_to_device_except_swap_blocks("cpu")

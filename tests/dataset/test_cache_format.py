@@ -48,7 +48,7 @@ def test_tensor_keys_and_batch_keys():
     assert batch_key("clip_float8_e5m2") == ("clip", False)
 
 
-def test_save_cache_metadata_and_nan_replacement(tmp_path, warnings_log):
+def test_save_cache_metadata_and_nan_replacement(tmp_path, project_log):
     path = tmp_path / "a_0064x0048_k5.safetensors"
     lat = torch.ones(4, 1, 2, 2)
     lat[0, 0, 0, 0] = float("nan")
@@ -59,7 +59,7 @@ def test_save_cache_metadata_and_nan_replacement(tmp_path, warnings_log):
     with safe_open(str(path), "pt") as f:
         t = f.get_tensor("latents_1x2x2_float32")
     assert t[0, 0, 0, 0] == 0 and t.sum() == 15
-    assert "NaN" in warnings_log.text and str(path) in warnings_log.text
+    assert "NaN" in project_log.text and str(path) in project_log.text
 
 
 def test_assemble_and_pad_varlen():

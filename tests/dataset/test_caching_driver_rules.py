@@ -63,7 +63,7 @@ def frame_levels(pixels: torch.Tensor) -> list[int]:
     return [round(float((pixels[:, f].mean() + 1) * 127.5) / 8) for f in range(pixels.shape[1])]
 
 
-def test_source_fps_and_chunk_through_the_driver(tmp_path, warnings_log):
+def test_source_fps_and_chunk_through_the_driver(tmp_path, project_log):
     vid, cache = tmp_path / "vid", tmp_path / "cache"
     write_video(vid / "long.mp4", 30)
     (vid / "long.txt").write_text("long")
@@ -86,7 +86,7 @@ def test_source_fps_and_chunk_through_the_driver(tmp_path, warnings_log):
     clips = {it.clip: frame_levels(b.pixels[0]) for b in enc.batches for it in b.items}
     assert clips == {(s, 5): kept[s : s + 5] for s in (0, 5, 10)}
     assert read_header(cache / "long_00005-005_0064x0048_k5.safetensors")[1]["frame_count"] == "5"
-    assert "tiny: 1 frames (after fps conversion) is shorter than every target_frames [5]; skipped" in warnings_log.text
+    assert "tiny: 1 frames (after fps conversion) is shorter than every target_frames [5]; skipped" in project_log.text
 
 
 def test_jsonl_video_control_is_padded_or_trimmed_to_the_main_video(tmp_path):
@@ -222,7 +222,7 @@ def test_debug_video_mode_writes_clips_as_mp4(tmp_path):
     assert len(frames) == 9 and frames[0].shape == (32, 32, 3)  # resized + centre-cropped 64x48 -> 32x32
 
 
-def test_skip_corrupt_image_that_fails_only_when_decoded_removes_its_old_cache(image_project, warnings_log):
+def test_skip_corrupt_image_that_fails_only_when_decoded_removes_its_old_cache(image_project, project_log):
     img, cfg = image_project
     cache_latents(latent_args(cfg), architecture="qi", encode=Recorder())
     assert len(list(img.glob("*_qi.safetensors"))) == 3
@@ -233,11 +233,11 @@ def test_skip_corrupt_image_that_fails_only_when_decoded_removes_its_old_cache(i
     with pytest.raises(UserError, match=r"b\.png: cannot decode image"):
         cache_latents(latent_args(cfg), architecture="qi", encode=Recorder())
     cache_latents(latent_args(cfg, "--skip_corrupt"), architecture="qi", encode=Recorder())
-    assert "b.png: cannot decode image" in warnings_log.text and "--skip_corrupt" in warnings_log.text
+    assert "b.png: cannot decode image" in project_log.text and "--skip_corrupt" in project_log.text
     assert sorted(p.name for p in img.glob("*_qi.safetensors")) == ["a_0064x0048_qi.safetensors", "c_0064x0048_qi.safetensors"]
 
 
-def test_te_cache_of_another_architecture_is_rewritten_and_missing_te_items_are_skipped(image_project, warnings_log):
+def test_te_cache_of_another_architecture_is_rewritten_and_missing_te_items_are_skipped(image_project, project_log):
     img, cfg = image_project
     cache_latents(latent_args(cfg), architecture="qi", encode=Recorder())
     foreign = img / "a_qi_te.safetensors"
@@ -246,12 +246,12 @@ def test_te_cache_of_another_architecture_is_rewritten_and_missing_te_items_are_
     entries, md = read_header(foreign)
     assert set(entries) == {"varlen_embed_float32", "pooled_float32"} and md["architecture"] == "qwen_image"  # not merged
     assert "a_qi_te.safetensors: existing TE cache rewritten (architecture expected 'qwen_image', found 'wan')" in (
-        warnings_log.text
+        project_log.text
     )
     (img / "b_qi_te.safetensors").unlink()
     group = load_dataset_group(cfg, architecture="qi", training=True)
     assert group.num_train_items == 4  # a and c, twice each; b has no text-encoder cache
-    assert "1 latent caches without a text-encoder cache (<stem>_qi_te.safetensors) were skipped" in warnings_log.text
+    assert "1 latent caches without a text-encoder cache (<stem>_qi_te.safetensors) were skipped" in project_log.text
 
 
 @pytest.mark.parametrize("arch,bucket", [("k5", (96, 48)), ("ho1", (96, 32))])
@@ -271,7 +271,7 @@ def test_bucket_step_comes_from_the_architecture(tmp_path, arch, bucket):
     assert item.cache_path.name == f"a_0100x0060_{arch}.safetensors"
 
 
-def test_missing_jsonl_media_fails_or_is_skipped(tmp_path, warnings_log):
+def test_missing_jsonl_media_fails_or_is_skipped(tmp_path, project_log):
     write_image(tmp_path / "a.png", (32, 32))
     rows = [{"image_path": "a.png", "caption": "a"}, {"image_path": "gone.png", "caption": "b"}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -283,7 +283,7 @@ def test_missing_jsonl_media_fails_or_is_skipped(tmp_path, warnings_log):
         cache_latents(latent_args(cfg), architecture="qi", encode=Recorder())
     cache_latents(latent_args(cfg, "--skip_corrupt"), architecture="qi", encode=Recorder())
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["a_0032x0032_qi.safetensors"]
-    assert "gone.png: file not found (skipped: --skip_corrupt)" in warnings_log.text
+    assert "gone.png: file not found (skipped: --skip_corrupt)" in project_log.text
 
 
 def test_items_sharing_a_name_are_rejected(tmp_path):

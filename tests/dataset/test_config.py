@@ -130,7 +130,7 @@ def test_jsonl_requires_cache_directory(media):
         load(cfg)
 
 
-def test_deprecated_keys_renamed_with_warning(media, warnings_log):
+def test_deprecated_keys_renamed_with_warning(media, project_log):
     cfg = write_toml(
         media / "c.toml",
         f'[[datasets]]\nimage_directory = "{media / "img"}"\nqwen_image_edit_control_resolution = 256\n'
@@ -139,12 +139,12 @@ def test_deprecated_keys_renamed_with_warning(media, warnings_log):
     (ds,) = load(cfg, arch="qie")
     assert ds.control_resolution == (256, 256)
     assert ds.no_resize_control is False  # the new key wins
-    text = warnings_log.text
+    text = project_log.text
     assert "qwen_image_edit_control_resolution" in text and "renamed to 'control_resolution'" in text
     assert "flux_kontext_no_resize_control" in text and "using 'no_resize_control'" in text
 
 
-def test_target_frames_rounding_and_uniform_to_head(media, warnings_log):
+def test_target_frames_rounding_and_uniform_to_head(media, project_log):
     cfg = write_toml(
         media / "c.toml",
         f'[[datasets]]\nvideo_directory = "{media / "vid"}"\ntarget_frames = [1, 24, 27, 25]\nframe_extraction = "uniform"\n',
@@ -152,8 +152,8 @@ def test_target_frames_rounding_and_uniform_to_head(media, warnings_log):
     (ds,) = load(cfg)
     assert ds.target_frames == (1, 21, 25)
     assert ds.frame_extraction == "head"
-    assert "target_frames 24 rounded down to 21" in warnings_log.text and "datasets[0]" in warnings_log.text
-    assert "uniform" in warnings_log.text
+    assert "target_frames 24 rounded down to 21" in project_log.text and "datasets[0]" in project_log.text
+    assert "uniform" in project_log.text
     cfg = write_toml(media / "c.toml", f'[[datasets]]\nvideo_directory = "{media / "vid"}"\ntarget_frames = [0]\n')
     with pytest.raises(UserError, match="values must be >= 1"):
         load(cfg)

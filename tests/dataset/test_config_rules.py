@@ -86,7 +86,7 @@ def test_missing_jsonl_control_directory_and_config(media):
         resolve_datasets(cfg, architecture="qi")
 
 
-def test_deprecated_key_in_general_and_its_type_error_name_the_old_key(media, warnings_log):
+def test_deprecated_key_in_general_and_its_type_error_name_the_old_key(media, project_log):
     cfg = write_toml(
         media / "c.toml",
         f'[general]\nqwen_image_edit_no_resize_control = true\n[[datasets]]\nimage_directory = "{media / "img"}"\n',
@@ -94,7 +94,7 @@ def test_deprecated_key_in_general_and_its_type_error_name_the_old_key(media, wa
     (ds,) = resolve_datasets(cfg, architecture="qie")
     assert ds.no_resize_control is True
     assert "general: key 'qwen_image_edit_no_resize_control' (line 2): deprecated key, renamed to 'no_resize_control'" in (
-        warnings_log.text
+        project_log.text
     )
     cfg = write_toml(
         media / "c.toml",
@@ -105,17 +105,17 @@ def test_deprecated_key_in_general_and_its_type_error_name_the_old_key(media, wa
 
 
 @pytest.mark.parametrize("mode", ["chunk", "slide"])
-def test_single_frame_target_with_chunk_or_slide_warns(media, warnings_log, mode):
+def test_single_frame_target_with_chunk_or_slide_warns(media, project_log, mode):
     cfg = write_toml(
         media / "c.toml",
         f'[[datasets]]\nvideo_directory = "{media / "vid"}"\ntarget_frames = [1, 9]\nframe_extraction = "{mode}"\n',
     )
     (ds,) = resolve_datasets(cfg, architecture="k5")
     assert ds.target_frames == (1, 9)
-    assert f"datasets[0]: target_frames contains 1 with frame_extraction '{mode}'" in warnings_log.text
+    assert f"datasets[0]: target_frames contains 1 with frame_extraction '{mode}'" in project_log.text
 
 
-def test_two_deprecated_spellings_of_one_key_the_first_wins(media, warnings_log):
+def test_two_deprecated_spellings_of_one_key_the_first_wins(media, project_log):
     cfg = write_toml(
         media / "c.toml",
         f'[[datasets]]\nimage_directory = "{media / "img"}"\nflux_kontext_no_resize_control = true\n'
@@ -125,5 +125,5 @@ def test_two_deprecated_spellings_of_one_key_the_first_wins(media, warnings_log)
     assert ds.no_resize_control is True
     assert (
         "key 'qwen_image_edit_no_resize_control' (line 4): deprecated key ignored because 'flux_kontext_no_resize_control'"
-        in warnings_log.text
+        in project_log.text
     )

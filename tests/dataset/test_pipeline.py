@@ -94,7 +94,7 @@ validation = true
     return tmp_path, cfg, cache
 
 
-def test_video_end_to_end(project, warnings_log):
+def test_video_end_to_end(project, project_log):
     root, cfg, cache = project
     cache.mkdir()
     (cache / "old_00000-009_0064x0048_k5.safetensors").write_bytes(b"stale")
@@ -113,7 +113,7 @@ def test_video_end_to_end(project, warnings_log):
     ]
     assert (cache / "long_00000-009_0064x0048_wan.safetensors").exists()  # other architectures untouched
     # the clip table printed before caching: items per (bucket, frame count)
-    assert re.search(r"64x48\s+1\s+3\n.*64x48\s+9\s+2", warnings_log.text)
+    assert re.search(r"64x48\s+1\s+3\n.*64x48\s+9\s+2", project_log.text)
     # batches never mix frame counts; the batch size of the config is used
     assert sorted((b.pixels.shape[0], b.frame_count) for b in vae.batches if b.is_video) == [(1, 1), (2, 1), (2, 9)]
     entries, md = read_header(cache / "long_00000-009_0064x0048_k5.safetensors")
@@ -179,7 +179,7 @@ def test_video_end_to_end(project, warnings_log):
     assert [d.is_validation for d in val.datasets] == [True]
 
 
-def test_skip_existing_reencodes_mismatched_metadata(project, warnings_log):
+def test_skip_existing_reencodes_mismatched_metadata(project, project_log):
     _, cfg, cache = project
     cache_latents(latent_args(cfg), architecture="k5", encode=ToyVAE())
     vae = ToyVAE()
@@ -213,7 +213,7 @@ def test_training_rejects_foreign_caches_and_reports_empty_dirs(project):
         load_dataset_group(cfg, architecture="k5", training=True)
 
 
-def test_te_cache_merge_keeps_other_keys_and_drops_stale_dtypes(project, warnings_log):
+def test_te_cache_merge_keeps_other_keys_and_drops_stale_dtypes(project, project_log):
     _, cfg, cache = project
     cache.mkdir()
     te_path = cache / "long_k5_te.safetensors"
@@ -226,7 +226,7 @@ def test_te_cache_merge_keeps_other_keys_and_drops_stale_dtypes(project, warning
     entries, md = read_header(te_path)
     assert set(entries) == {"other_float32", "pooled_float32", "varlen_embed_float32"}
     assert md["caption1"] == "a long clip of light"
-    assert "caption changed" in warnings_log.text
+    assert "caption changed" in project_log.text
     te = ToyTextEncoder()
     cache_text_encoder_outputs(text_args(cfg, "--skip_existing"), architecture="k5", encode=te)
     assert te.calls == []
@@ -236,14 +236,14 @@ def test_te_cache_merge_keeps_other_keys_and_drops_stale_dtypes(project, warning
     assert sum(len(c) for c in te.calls) == 4 and read_header(te_path)[1]["template"] == "video"
 
 
-def test_corrupt_video_fails_or_is_skipped(project, warnings_log):
+def test_corrupt_video_fails_or_is_skipped(project, project_log):
     root, cfg, cache = project
     (root / "vid" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 200)
     (root / "vid" / "broken.txt").write_text("broken")
     with pytest.raises(UserError, match=r"broken\.mp4: cannot (open|decode) video"):
         cache_latents(latent_args(cfg), architecture="k5", encode=ToyVAE())
     cache_latents(latent_args(cfg, "--skip_corrupt"), architecture="k5", encode=ToyVAE())
-    assert "broken.mp4" in warnings_log.text and "--skip_corrupt" in warnings_log.text
+    assert "broken.mp4" in project_log.text and "--skip_corrupt" in project_log.text
     assert len(list(cache.glob("*_k5.safetensors"))) == 5
 
 
