@@ -6,6 +6,8 @@ loaders (``flux_2.models.loading.load_dit``, ``flux_2.text_encoders.Flux2TextEnc
 (VmHWM) minus the RSS just before loading, against the bytes of the final weights. Target: <= 1.1x.
 
     python bench/flux2_load_peak.py [--scale 1.0] [--cases qwen3_fp8 mistral3_fp8]
+    # Qwen3 at the released Qwen3-4B size (an 8 GB random checkpoint, written tensor by tensor; klein-4b's encoder):
+    python bench/flux2_load_peak.py --qwen3_4b_real --cases qwen3_bf16 qwen3_fp8
 """
 
 from __future__ import annotations
@@ -74,6 +76,37 @@ def write_checkpoints(root: Path, scale: float) -> dict[str, str]:
     return {"dit": str(root / "dit.safetensors"), "qwen3": str(root / "qwen3"), "mistral3": str(root / "mistral3")}
 
 
+# the released Qwen3-4B (config.json of Qwen/Qwen3-4B): what klein-4b encodes with
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=40960)  # fmt: skip
+
+
+def write_real_qwen3_4b(root: Path) -> dict[str, str]:
+    """A random bf16 Qwen3-4B snapshot (config + one safetensors file + the tiny bundle's tokenizer), streamed to disk
+    one tensor at a time so writing it needs one tensor of memory."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from musubi_tuner.demo.flux2_bundles import write_flux2_bundle
+    from musubi_tuner.networks.stream_writer import StreamingSafetensorsWriter
+
+    tiny = write_flux2_bundle(root / "tiny")
+    out = root / "qwen3"
+    out.mkdir()
+    config = Qwen3Config(**QWEN3_4B)
+    config.save_pretrained(out)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    layout = {k: (torch.bfloat16, tuple(v.shape)) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    gen = torch.Generator().manual_seed(0)
+    with StreamingSafetensorsWriter(out / "model.safetensors", layout) as writer:
+        for key, (dtype, shape) in layout.items():
+            writer.write(key, torch.randn(shape, generator=gen, dtype=dtype) * 0.02)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (out / f).write_bytes((tiny.text_encoder_qwen3 / f).read_bytes())
+    return {"qwen3": str(out)}
+
+
 def child(case: str, paths: dict[str, str]) -> dict:
     import torch
 
@@ -106,6 +139,7 @@ def child(case: str, paths: dict[str, str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", type=float, default=1.0, help="width multiplier of the checkpoints (1.0: hidden 1536)")
+    p.add_argument("--qwen3_4b_real", action="store_true", help="only Qwen3, at the released Qwen3-4B size (8 GB on disk)")
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which loads to measure (all)")
     p.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--paths", help=argparse.SUPPRESS)
@@ -114,7 +148,7 @@ def main() -> None:
         print(json.dumps(child(args.child, json.loads(args.paths))))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_checkpoints(Path(tmp), args.scale)
+        paths = write_real_qwen3_4b(Path(tmp)) if args.qwen3_4b_real else write_checkpoints(Path(tmp), args.scale)
         print(f"{'case':<14} {'peak - pre-load':>16} {'final weights':>14} {'ratio':>6}")
         for case in args.cases:
             cmd = [sys.executable, __file__, "--child", case, "--paths", json.dumps(paths)]

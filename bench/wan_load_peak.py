@@ -11,6 +11,8 @@ official-layout UMT5 ``.pth`` (``--t5_width``, ``--t5_layers``, default 8) into 
 Prints peak RSS (VmHWM) minus the RSS before loading, the final parameter bytes and their ratio (target <= 1.1).
 
     python bench/wan_load_peak.py [--layers 10] [--t5_width 2048] [--t5_layers 8]
+    # UMT5-XXL at its real size (11.4 GB .pth; needs ~12 GB RAM to write and the disk space):
+    python bench/wan_load_peak.py --variants t5_bf16 t5_fp8 --t5_width 4096 --t5_layers 24 --t5_vocab 256384
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _params(layers: int) -> dict:
     return dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=layers, text_dim=4096)
 
 
-def write(work: Path, layers: int, t5_width: int, t5_layers: int = 8) -> None:
+def write(work: Path, layers: int, t5_width: int, t5_layers: int = 8, t5_vocab: int = 32000) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import UMT5Config, UMT5EncoderModel
@@ -51,11 +53,11 @@ def write(work: Path, layers: int, t5_width: int, t5_layers: int = 8) -> None:
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in m.state_dict().items()}, str(work / "dit.safetensors"),
               metadata={"wan_dit_config": json.dumps({**_params(layers), "patch_size": [1, 2, 2]})})  # fmt: skip
     del m
-    cfg = UMT5Config(vocab_size=32000, d_model=t5_width, d_kv=64, d_ff=t5_width * 5 // 2, num_layers=t5_layers, num_heads=t5_width // 64,
-                     feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
-    with seeded(1):
+    cfg = UMT5Config(vocab_size=t5_vocab, d_model=t5_width, d_kv=64, d_ff=t5_width * 5 // 2, num_layers=t5_layers,
+                     num_heads=t5_width // 64, feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
+    with torch.device("meta"):
         t5 = UMT5EncoderModel(cfg)
-    hf = t5.state_dict()
+    shapes = {k: v.shape for k, v in t5.state_dict().items()}
     names = ["token_embedding.weight", "norm.weight"] + [
         f"blocks.{n}.{p}.weight"
         for n in range(t5_layers)
@@ -72,7 +74,11 @@ def write(work: Path, layers: int, t5_width: int, t5_layers: int = 8) -> None:
             "ffn.fc2",
         )
     ]
-    torch.save({n: hf[umt5_official_to_hf(n)].to(torch.bfloat16).contiguous() for n in names}, work / "t5.pth")
+    # random bf16 weights drawn tensor by tensor (a real-size float32 model would not fit next to the checkpoint)
+    gen = torch.Generator().manual_seed(1)
+    sd = {n: torch.randn(shapes[umt5_official_to_hf(n)], generator=gen, dtype=torch.bfloat16) * 0.02 for n in names}
+    torch.save(sd, work / "t5.pth")
+    del sd
     tok = work / "google" / "umt5-xxl"
     from musubi_tuner.demo.wan_bundle import _train_t5_tokenizer
 
@@ -116,6 +122,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=10)
     p.add_argument("--t5_width", type=int, default=2048)
     p.add_argument("--t5_layers", type=int, default=8, help="UMT5 blocks (the real UMT5-XXL has 24)")
+    p.add_argument("--t5_vocab", type=int, default=32000, help="UMT5 vocabulary (the real UMT5-XXL has 256384)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -125,7 +132,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        write(work, a.layers, a.t5_width, a.t5_layers)
+        write(work, a.layers, a.t5_width, a.t5_layers, a.t5_vocab)
         print(f"{'variant':10s} {'peak−before GiB':>16s} {'final GiB':>10s} {'ratio':>6s}")
         for v in a.variants:
             out = subprocess.run(
