@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from scaled_fp8_files import write_scaled_fp8_pair
 
+from musubi_tuner.memory.generation import text_encoder_bytes
 from musubi_tuner.qwen_image import vl_loading
 from musubi_tuner.qwen_image.configs import MODEL_VERSIONS
 from musubi_tuner.qwen_image.text_encoders import QwenVLEncoder, format_prompt
@@ -105,8 +106,9 @@ def _scaled_fp8_files(qwen_bundle, tmp_path, **kw):
     merger per-tensor scaled fp8 (embedding, norms, patch conv, lm_head bf16); with the bf16 file of ``q · scale``."""
     plain = _comfy_file(qwen_bundle, tmp_path)
     scaled, reference = plain.parent / "qwen_2.5_vl_7b_fp8_scaled.safetensors", plain.parent / "dequantised.safetensors"
+    sd = {k: v.to(torch.bfloat16) for k, v in load_file(plain).items()}  # the tiny bundle is float32; ComfyUI's is bf16
     done = write_scaled_fp8_pair(
-        load_file(plain), lambda k: k.startswith(("model.layers.", "visual.blocks.", "visual.merger.")), scaled, reference, **kw
+        sd, lambda k: k.startswith(("model.layers.", "visual.blocks.", "visual.merger.")), scaled, reference, **kw
     )
     assert "model.layers.1.self_attn.q_proj.weight" in done and "visual.blocks.0.attn.qkv.weight" in done
     return scaled, reference
@@ -128,6 +130,14 @@ def test_scaled_fp8_single_file_loads_as_its_dequantised_weights(qwen_bundle, ti
         assert torch.equal(
             fp8.model.get_submodule("model.language_model.layers.0.mlp.gate_proj").weight.view(torch.uint8), q.view(torch.uint8)
         )
+    # the memory estimator sizes both loads from the headers (the file's scalar scales aside)
+    scales = [m.scale_weight for m in fp8.model.modules() if hasattr(m, "scale_weight")]
+    for enc, flag in ((deq, False), (fp8, True)):
+        loaded = sum(
+            t.numel() * t.element_size()
+            for t in [*(p for _, p in enc.model.named_parameters(remove_duplicate=False)), *(scales if flag else [])]
+        )
+        assert 0 <= text_encoder_bytes(scaled, flag) - loaded <= 8 * len(scales)
     for version, prompts, imgs in ((T2I, PROMPTS, None), (EDIT, PROMPTS[:1], [[_image((28, 28))]])):
         want = ref.encode(prompts, version, images=imgs)
         for enc in (deq, fp8):

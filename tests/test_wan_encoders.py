@@ -107,6 +107,8 @@ def test_umt5_streamed_from_pth_hf_dir_and_safetensors_equals_full_load(tmp_path
 def test_umt5_scaled_fp8_single_file_loads_as_its_dequantised_weights(tmp_path, wan_i2v_bundle):
     """ComfyUI's ``umt5_xxl_fp8_e4m3fn_scaled`` layout (HF names, the 7 Linears of every block per-tensor scaled fp8,
     embedding / relative bias / norms bf16): equal to the bf16 file of ``q · scale``, dequantised or kept in fp8."""
+    from musubi_tuner.wan.memory import _t5_bf16_bytes, _t5_fp8_bytes
+
     tok = wan_i2v_bundle.t5.parent / "google" / "umt5-xxl"
     bf16 = WanT5Encoder.load(wan_i2v_bundle.t5, tokenizer=tok, dtype=torch.bfloat16).model.state_dict()
     sd = {k: v for k, v in bf16.items() if k != "encoder.embed_tokens.weight"}  # tied: ComfyUI stores shared.weight
@@ -125,6 +127,10 @@ def test_umt5_scaled_fp8_single_file_loads_as_its_dequantised_weights(tmp_path, 
             assert enc.model.encoder.block[1].layer[1].DenseReluDense.wo.scale_weight.shape == (1,)
         for g, w in zip(enc.encode(prompts), want, strict=True):
             assert torch.equal(g, w), fp8
+        # the memory estimator's size of this load (headers only; the file's scalar scales aside)
+        loaded = sum(p.numel() * p.element_size() for p in enc.model.parameters())
+        estimate = _t5_fp8_bytes(str(scaled)) if fp8 else _t5_bf16_bytes(str(scaled), [])
+        assert 0 <= estimate - loaded <= 8 * len(done), fp8
     cut = {k: v for k, v in load_file(scaled).items() if k != "encoder.block.1.layer.0.SelfAttention.k.weight"}
     save_file(cut, str(scaled))
     with pytest.raises(UserError, match=r"fp8 scale 'encoder.block.1.layer.0.SelfAttention.k.scale_weight' has no weight"):
