@@ -7,6 +7,9 @@ in separate fresh processes so each peak is independent:
   mmap_fp8        safetensors safe_open (memory-mapped) tensor by tensor, quantised to fp8 into a meta model
   ours_bf16       load_weights_into_model into a meta model, bf16
   ours_fp8        load_weights_into_model into a meta model, fp8_scaled (block 64)
+  scaled_bf16     the same weights as a ComfyUI scaled-fp8 file (per-tensor scale_weight, scale_input, scaled_fp8
+                  marker) dequantised to bf16 while streaming (a text encoder without its --fp8_* flag)
+  scaled_fp8      that file kept as stored, fp8 + scale (a text encoder with its --fp8_* flag)
 
 For each it prints the peak RSS (VmHWM) minus the RSS just before loading (imports, interpreter), the bytes of the
 final weights, and their ratio. Target for ours: <= 1.2x the final weight bytes.
@@ -26,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("baseline", "mmap_fp8", "ours_bf16", "ours_fp8")
+VARIANTS = ("baseline", "mmap_fp8", "ours_bf16", "ours_fp8", "scaled_bf16", "scaled_fp8")
+SCALED = ("scaled_bf16", "scaled_fp8")
 
 
 def _vm(field: str) -> int:
@@ -74,6 +78,24 @@ def _write_checkpoint(path: Path, n_layers: int, dim: int) -> None:
     save_file(sd, str(path))
 
 
+def _write_scaled_fp8(src: Path, path: Path) -> None:
+    """The checkpoint in ComfyUI's scaled-fp8 layout: per-tensor ``scale_weight`` (float32 scalar), ``scale_input``, marker."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sd = {}
+    for key, t in load_file(src).items():
+        if key.endswith(".weight"):
+            scale = t.float().abs().amax() / 448.0
+            sd[key] = (t.float() / scale).to(torch.float8_e4m3fn)
+            sd[key[: -len("weight")] + "scale_weight"] = scale
+            sd[key[: -len("weight")] + "scale_input"] = torch.tensor(1.0)
+        else:
+            sd[key] = t
+    sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(sd, str(path))
+
+
 def _final_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -114,6 +136,10 @@ def _child(variant: str, path: str, n_layers: int, dim: int) -> dict:
                 del t
                 libc.malloc_trim(0)  # same heap trimming as ours, so the difference is the memory map alone
             apply_fp8_monkey_patch(model, scales)
+    elif variant in SCALED:
+        model = _build_model(n_layers, dim, "meta", torch.bfloat16)
+        dequantize = variant == "scaled_bf16"
+        load_weights_into_model(model, path, dtype=torch.bfloat16, dequantize_prequantized=dequantize, progress=False)
     else:
         model = _build_model(n_layers, dim, "meta", torch.bfloat16)
         fp8 = Fp8Config(mode="block", block_size=64) if variant == "ours_fp8" else None
@@ -147,13 +173,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         path = Path(tmp) / "synthetic.safetensors"
         _write_checkpoint(path, n_layers, dim)
+        scaled_path = Path(tmp) / "synthetic_fp8_scaled.safetensors"
+        if any(v in SCALED for v in args.variants):
+            _write_scaled_fp8(path, scaled_path)
         size = path.stat().st_size
         print(
             f"checkpoint: {n_layers} x Linear({dim}, {dim}) bf16, {size / 2**30:.2f} GiB; {platform.machine()}, python {platform.python_version()}"
         )
         print(f"{'variant':<10} {'peak RSS - pre-load':>20} {'final weights':>14} {'ratio':>6} {'seconds':>8}")
         for v in args.variants:
-            r = _run_child(v, path, n_layers, dim)
+            r = _run_child(v, scaled_path if v in SCALED else path, n_layers, dim)
             delta = r["peak"] - r["before"]
             print(
                 f"{v:<10} {delta / 2**30:>16.2f} GiB {r['final'] / 2**30:>10.2f} GiB {delta / r['final']:>6.2f} {r['seconds']:>8.1f}"

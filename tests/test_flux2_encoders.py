@@ -127,3 +127,57 @@ def test_bare_qwen3_file_through_the_cache_script(flux2_bundle, bare_qwen3, monk
             "--device", "cpu"]  # fmt: skip
     run = TextEncoderRun(setup_parser().parse_args(argv))
     assert run.encoder.hidden_size == 16 and run.encoder.cache_metadata()["flux2_text_encoder"] == "qwen3-16"
+
+
+@pytest.mark.parametrize(
+    "kind, version, new_spelling",
+    [("qwen3", "klein-4b", False), ("qwen3", "klein-4b", True), ("mistral3", "dev", False)],
+    ids=["qwen3-scale_weight", "qwen3-weight_scale", "mistral3"],
+)
+def test_scaled_fp8_file_loads_as_its_dequantised_weights(flux2_bundle, tmp_path, monkeypatch, kind, version, new_spelling):
+    """ComfyUI's fp8 text-encoder files: every Linear of the decoder layers per-tensor scaled fp8 (the bare Qwen3 file
+    with its config inferred from the shapes; Mistral's with its config.json beside it). Equal to the bf16 file of
+    ``q · scale``, dequantised (no flag) or kept in fp8 (``--fp8_text_encoder``)."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from scaled_fp8_files import write_scaled_fp8_pair
+
+    src = getattr(flux2_bundle, f"text_encoder_{kind}")
+    folder = tmp_path / "text_encoders"
+    folder.mkdir()
+    if kind == "qwen3":
+        _with_tiny_release(monkeypatch, flux2_bundle)
+    else:
+        shutil.copy(src / "config.json", folder / "config.json")
+    scaled, reference = folder / f"{kind}_fp8_scaled.safetensors", folder / f"{kind}_dequantised.safetensors"
+    done = write_scaled_fp8_pair(
+        load_file(src / "model.safetensors"), lambda k: "layers." in k and "norm" not in k, scaled, reference,
+        new_spelling=new_spelling,
+    )  # fmt: skip
+    assert any(k.endswith("layers.3.mlp.down_proj.weight") for k in done)
+    v = get_model_version(version)
+    want = Flux2TextEncoder(reference, v, dtype=torch.bfloat16, tokenizer=str(src)).encode(PROMPTS)
+    for fp8 in (False, True):
+        enc = Flux2TextEncoder(scaled, v, dtype=torch.bfloat16, fp8=fp8, tokenizer=str(src))
+        fp8_weights = [n for n, p in enc.model.named_parameters() if p.dtype == torch.float8_e4m3fn]
+        assert len(fp8_weights) == (3 * 7 if fp8 else 0)  # the 3 layers built, 7 Linears each
+        assert torch.equal(enc.encode(PROMPTS), want), fp8
+
+
+def test_scaled_fp8_comfy_quant_of_another_format_is_refused(flux2_bundle, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+    from scaled_fp8_files import write_scaled_fp8_pair
+
+    src = flux2_bundle.text_encoder_qwen3
+    _with_tiny_release(monkeypatch, flux2_bundle)
+    scaled = tmp_path / "qwen_3_fp8.safetensors"
+    write_scaled_fp8_pair(
+        load_file(src / "model.safetensors"), lambda k: "layers." in k and "norm" not in k, scaled, tmp_path / "ref.safetensors",
+        new_spelling=True,
+    )  # fmt: skip
+    sd = load_file(scaled)
+    sd["model.layers.0.mlp.up_proj.comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    save_file(sd, str(scaled))
+    with pytest.raises(UserError, match=r"'model.layers.0.mlp.up_proj.comfy_quant' declares quantisation format 'nvfp4'"):
+        Flux2TextEncoder(scaled, get_model_version("klein-4b"), tokenizer=str(src))

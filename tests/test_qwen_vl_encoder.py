@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from scaled_fp8_files import write_scaled_fp8_pair
 
+from musubi_tuner.memory.generation import text_encoder_bytes
 from musubi_tuner.qwen_image import vl_loading
 from musubi_tuner.qwen_image.configs import MODEL_VERSIONS
 from musubi_tuner.qwen_image.text_encoders import QwenVLEncoder, format_prompt
@@ -97,6 +99,63 @@ def test_single_file_loads_like_the_snapshot(qwen_bundle, encoder, tiny_release_
     assert single.source.single_file and single.source.tokenizer == path.parent / "tokenizer"
     for o, r in zip(single.encode(PROMPTS, T2I), encoder.encode(PROMPTS, T2I)):
         assert torch.equal(o, r)
+
+
+def _scaled_fp8_files(qwen_bundle, tmp_path, **kw):
+    """ComfyUI's ``qwen_2.5_vl_7b_fp8_scaled`` layout: every Linear of the language model, the vision blocks and the
+    merger per-tensor scaled fp8 (embedding, norms, patch conv, lm_head bf16); with the bf16 file of ``q · scale``."""
+    plain = _comfy_file(qwen_bundle, tmp_path)
+    scaled, reference = plain.parent / "qwen_2.5_vl_7b_fp8_scaled.safetensors", plain.parent / "dequantised.safetensors"
+    sd = {k: v.to(torch.bfloat16) for k, v in load_file(plain).items()}  # the tiny bundle is float32; ComfyUI's is bf16
+    done = write_scaled_fp8_pair(
+        sd, lambda k: k.startswith(("model.layers.", "visual.blocks.", "visual.merger.")), scaled, reference, **kw
+    )
+    assert "model.layers.1.self_attn.q_proj.weight" in done and "visual.blocks.0.attn.qkv.weight" in done
+    return scaled, reference
+
+
+def test_scaled_fp8_single_file_loads_as_its_dequantised_weights(qwen_bundle, tiny_release_table, tmp_path):
+    scaled, reference = _scaled_fp8_files(qwen_bundle, tmp_path)
+    proc = qwen_bundle.text_encoder  # the image processor, for the vision tower
+    ref = QwenVLEncoder(reference, dtype=torch.bfloat16, vl_processor=proc)
+    deq = QwenVLEncoder(scaled, dtype=torch.bfloat16, vl_processor=proc)  # no --fp8_vl: bf16 while streaming
+    assert {p.dtype for p in deq.model.parameters()} == {torch.bfloat16}
+    assert not any(hasattr(m, "scale_weight") for m in deq.model.modules())
+    fp8 = QwenVLEncoder(scaled, dtype=torch.bfloat16, fp8_vl=True, vl_processor=proc)  # the file's fp8 weights and scales as stored
+    for name in ("model.language_model.layers.0.mlp.gate_proj", "model.visual.blocks.1.attn.qkv"):
+        lin = fp8.model.get_submodule(name)
+        assert lin.weight.dtype == torch.float8_e4m3fn and lin.scale_weight.shape == (1,)
+    with vl_loading.open_weights(scaled) as r:  # no dequantise → requantise round trip
+        q = r.get_tensor("model.layers.0.mlp.gate_proj.weight")
+        assert torch.equal(
+            fp8.model.get_submodule("model.language_model.layers.0.mlp.gate_proj").weight.view(torch.uint8), q.view(torch.uint8)
+        )
+    # the memory estimator sizes both loads from the headers (the file's scalar scales aside)
+    scales = [m.scale_weight for m in fp8.model.modules() if hasattr(m, "scale_weight")]
+    for enc, flag in ((deq, False), (fp8, True)):
+        loaded = sum(
+            t.numel() * t.element_size()
+            for t in [*(p for _, p in enc.model.named_parameters(remove_duplicate=False)), *(scales if flag else [])]
+        )
+        assert 0 <= text_encoder_bytes(scaled, flag) - loaded <= 8 * len(scales)
+    for version, prompts, imgs in ((T2I, PROMPTS, None), (EDIT, PROMPTS[:1], [[_image((28, 28))]])):
+        want = ref.encode(prompts, version, images=imgs)
+        for enc in (deq, fp8):
+            for got, w in zip(enc.encode(prompts, version, images=imgs), want, strict=True):
+                assert torch.equal(got, w)
+
+
+def test_scaled_fp8_scale_without_its_weight_is_refused(qwen_bundle, tiny_release_table, tmp_path):
+    scaled, _ = _scaled_fp8_files(qwen_bundle, tmp_path)
+    sd = load_file(scaled)
+    save_file({k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}, scaled)
+    with pytest.raises(
+        UserError, match=r"fp8_scaled.safetensors: fp8 scale 'model.layers.1.mlp.up_proj.scale_weight' has no weight"
+    ):
+        QwenVLEncoder(scaled)
+    save_file({**sd, "model.layers.1.mlp.nothing.scale_weight": torch.tensor(1.0)}, scaled)  # unknown stays an error
+    with pytest.raises(UserError, match=r"1 unexpected key\(s\).*model.layers.1.mlp.nothing.scale_weight"):
+        QwenVLEncoder(scaled)
 
 
 def test_released_7b_signature_gives_the_release_config():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from scaled_fp8_files import write_scaled_fp8_pair
 
 from musubi_tuner.demo.snapshot_io import seeded
 from musubi_tuner.demo.wan_bundle import TINY_VAE_CONFIG, write_tiny_clip
@@ -101,6 +103,39 @@ def test_umt5_streamed_from_pth_hf_dir_and_safetensors_equals_full_load(tmp_path
             want = ref(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state.float()
         for i, g in enumerate(got):
             assert torch.equal(g, want[i, : g.shape[0]]), (src, i)
+
+
+def test_umt5_scaled_fp8_single_file_loads_as_its_dequantised_weights(tmp_path, wan_i2v_bundle):
+    """ComfyUI's ``umt5_xxl_fp8_e4m3fn_scaled`` layout (HF names, the 7 Linears of every block per-tensor scaled fp8,
+    embedding / relative bias / norms bf16): equal to the bf16 file of ``q · scale``, dequantised or kept in fp8."""
+    from musubi_tuner.wan.memory import _t5_bf16_bytes, _t5_fp8_bytes
+
+    tok = wan_i2v_bundle.t5.parent / "google" / "umt5-xxl"
+    bf16 = WanT5Encoder.load(wan_i2v_bundle.t5, tokenizer=tok, dtype=torch.bfloat16).model.state_dict()
+    sd = {k: v for k, v in bf16.items() if k != "encoder.embed_tokens.weight"}  # tied: ComfyUI stores shared.weight
+    scaled, reference = tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors", tmp_path / "dequantised.safetensors"
+    done = write_scaled_fp8_pair(
+        sd, lambda k: k.startswith("encoder.block.") and "relative_attention_bias" not in k, scaled, reference
+    )
+    assert len(done) == 2 * 7
+    prompts = ["a red ball", "two cats and a dog on a long sofa"]
+    want = WanT5Encoder.load(reference, tokenizer=tok, dtype=torch.bfloat16).encode(prompts)
+    for fp8 in (False, True):  # without / with --fp8_t5
+        enc = WanT5Encoder.load(scaled, tokenizer=tok, dtype=torch.bfloat16, fp8=fp8)
+        fp8_weights = [n for n, p in enc.model.named_parameters() if p.dtype == torch.float8_e4m3fn]
+        assert len(fp8_weights) == (14 if fp8 else 0)
+        if fp8:
+            assert enc.model.encoder.block[1].layer[1].DenseReluDense.wo.scale_weight.shape == (1,)
+        for g, w in zip(enc.encode(prompts), want, strict=True):
+            assert torch.equal(g, w), fp8
+        # the memory estimator's size of this load (headers only; the file's scalar scales aside)
+        loaded = sum(p.numel() * p.element_size() for p in enc.model.parameters())
+        estimate = _t5_fp8_bytes(str(scaled)) if fp8 else _t5_bf16_bytes(str(scaled), [])
+        assert 0 <= estimate - loaded <= 8 * len(done), fp8
+    cut = {k: v for k, v in load_file(scaled).items() if k != "encoder.block.1.layer.0.SelfAttention.k.weight"}
+    save_file(cut, str(scaled))
+    with pytest.raises(UserError, match=r"fp8 scale 'encoder.block.1.layer.0.SelfAttention.k.scale_weight' has no weight"):
+        WanT5Encoder.load(scaled, tokenizer=tok)
 
 
 def test_fp8_t5_estimate_is_the_loaded_encoder_size(wan_i2v_bundle):

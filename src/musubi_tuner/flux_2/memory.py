@@ -95,7 +95,7 @@ def estimate_flux2_generation(args: argparse.Namespace) -> dict[str, Any]:
     from musubi_tuner.flux_2.models.loading import load_dit
     from musubi_tuner.flux_2.pipeline import reference_size
     from musubi_tuner.flux_2.sampling import build_img_ids, build_txt_ids
-    from musubi_tuner.memory.generation import GenerationPlan, estimate_generation, weights_bytes
+    from musubi_tuner.memory.generation import GenerationPlan, estimate_generation, text_encoder_bytes, weights_bytes
     from musubi_tuner.memory.run import resolve_gpu_total
     from musubi_tuner.utils.dtypes import parse_dtype
 
@@ -115,7 +115,9 @@ def estimate_flux2_generation(args: argparse.Namespace) -> dict[str, Any]:
     notes = ["--lora_weight: LoRAs are merged on load and add no memory; they are not read"] if args.lora_weight else []
     notes.append("VAE encode / decode activations are not modelled (weights only)")
     if args.fp8_text_encoder:
-        notes.append("--fp8_text_encoder: text encoder weights estimated at half their bf16 file size")
+        notes.append(
+            "--fp8_text_encoder: text encoder weights estimated at half their bf16 file size (a scaled-fp8 file: its size)"
+        )
     dtype = parse_dtype(args.dit_dtype, torch.bfloat16, flag="--dit_dtype")
 
     def build() -> torch.nn.Module:
@@ -138,9 +140,7 @@ def estimate_flux2_generation(args: argparse.Namespace) -> dict[str, Any]:
 
         return make
 
-    te = weights_bytes(args.text_encoder)
-    if args.fp8_text_encoder:
-        te = te // 2
+    te = text_encoder_bytes(args.text_encoder, bool(args.fp8_text_encoder))
     vae = weights_bytes(args.vae) if args.vae else 0
     # x, noise and the velocity in fp32; true CFG (klein base) keeps a second velocity
     state = [(3 + int(version.uses_cfg)) * LATENT_CHANNELS * numel(s[0]) * 4 for s in shapes]

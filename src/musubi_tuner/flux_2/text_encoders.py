@@ -5,6 +5,8 @@ Only the decoder layers whose outputs are used are built and loaded: the outputs
 Mistral's vision tower) are never read from disk. The weights stream tensor by tensor into a model built on the
 meta device (``utils.model_loading``); with ``--fp8_text_encoder`` (alias ``--fp8_m3``) the Linear weights of the
 decoder layers are stored block-scaled fp8 and computed in bf16 — for both encoders (upstream refuses Mistral 3).
+A scaled-fp8 file (ComfyUI's fp8 Qwen3 / Mistral files: fp8 Linear weights with per-tensor scales) keeps its fp8
+weights and scales with that flag and is dequantised to the compute dtype while streaming without it.
 
 Output per prompt: ``(512, 3·hidden)``, the three layer outputs concatenated layer-major, all 512 positions (pads
 included, as both references do).
@@ -239,7 +241,10 @@ class Flux2TextEncoder:
         try:
             key_map = _decoder_key_map(self.kind, reader.keys(), n_build)
             fp8_cfg = Fp8Config(mode="block", block_size=64, targets=FP8_TEXT_TARGETS, excludes=FP8_TEXT_EXCLUDES) if fp8 else None
-            load_weights_into_model(model, reader, key_map=key_map, dtype=dtype, device=self.device, fp8=fp8_cfg, strict=True)
+            load_weights_into_model(
+                model, reader, key_map=key_map, dtype=dtype, device=self.device, fp8=fp8_cfg, strict=True,
+                dequantize_prequantized=not fp8,
+            )  # fmt: skip
         finally:
             reader.close()
         self.model = model.eval().requires_grad_(False)

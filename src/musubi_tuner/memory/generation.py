@@ -48,6 +48,30 @@ def weights_bytes(path: str | Path) -> int:
     return total
 
 
+def scaled_fp8_bytes(path: str | Path) -> int:
+    """Bytes of the fp8 Linear weights that carry a scale (a ComfyUI scaled-fp8 file; 0 for other files), from headers."""
+    from musubi_tuner.utils.scaled_fp8_keys import weight_scale_module
+
+    p = Path(path)
+    total = 0
+    for f in sorted(p.rglob("*.safetensors")) if p.is_dir() else [p]:
+        with open_weights(f) as reader:
+            keys = set(reader.keys())
+            scaled = {f"{m}.weight" for k in keys if (m := weight_scale_module(k)) is not None}
+            total += sum(reader.get_nbytes(k) for k in scaled & keys)
+    return total
+
+
+def text_encoder_bytes(path: str | Path, fp8: bool) -> int:
+    """A text encoder's weights as loaded: a plain file at its header size, halved with its ``--fp8_*`` flag (the
+    Linears quantised to one byte); a scaled-fp8 file at its size with the flag (used as stored) and with its fp8
+    weights dequantised to two bytes (bf16) without it."""
+    total, scaled = weights_bytes(path), scaled_fp8_bytes(path)
+    if fp8:
+        return total if scaled else total // 2
+    return total + scaled
+
+
 def estimate_generation(args: Any, plan: GenerationPlan, gpu_total: int, gpu_name: str, arch: str) -> dict[str, Any]:
     """Trace the DiT forward for every job size and print the generation estimate."""
     from torch._subclasses.fake_tensor import FakeTensorMode

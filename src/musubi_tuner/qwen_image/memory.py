@@ -110,7 +110,7 @@ def estimate_qwen_image_generation(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
     from blissful_tuner.generation_loop import load_jobs
-    from musubi_tuner.memory.generation import GenerationPlan, estimate_generation, weights_bytes
+    from musubi_tuner.memory.generation import GenerationPlan, estimate_generation, text_encoder_bytes, weights_bytes
     from musubi_tuner.memory.run import resolve_gpu_total
     from musubi_tuner.qwen_image.configs import PIXEL_STEP
     from musubi_tuner.qwen_image.generate.images import control_size
@@ -143,7 +143,7 @@ def estimate_qwen_image_generation(args: argparse.Namespace) -> dict[str, Any]:
         notes.append("--lora_weight: LoRAs are merged on load and add no memory; they are not read")
     notes.append("VAE encode / decode activations are not modelled (weights only)")
     if args.fp8_vl:
-        notes.append("--fp8_vl: text encoder weights estimated at half their bf16 file size")
+        notes.append("--fp8_vl: text encoder weights estimated at half their bf16 file size (a scaled-fp8 file: its size)")
     dtype = parse_dtype(args.dit_dtype, torch.bfloat16, flag="--dit_dtype")
 
     def build() -> torch.nn.Module:
@@ -168,9 +168,7 @@ def estimate_qwen_image_generation(args: argparse.Namespace) -> dict[str, Any]:
 
         return make
 
-    te = weights_bytes(args.text_encoder)
-    if args.fp8_vl:
-        te = te // 2
+    te = text_encoder_bytes(args.text_encoder, bool(args.fp8_vl))
     vae = weights_bytes(args.vae) if args.vae else 0
     # on the device per step (the latent itself stays on the host): the prediction in fp32, and with true CFG the
     # negative prediction and their combination

@@ -8,7 +8,9 @@ Sources: an HF snapshot directory (``config.json`` + safetensors + tokenizer), a
 Key layouts: the release and ComfyUI's file use ``model.layers.*`` / ``model.embed_tokens`` / ``model.norm``,
 ``visual.*`` and ``lm_head.weight``; transformers ≥ 4.52 in memory uses ``model.language_model.*`` and
 ``model.visual.*``. Both map onto the model's names. With ``--fp8_vl`` the language model's Linear weights are
-quantised (block-scaled fp8) while streaming, so the bf16 model never exists in memory.
+quantised (block-scaled fp8) while streaming, so the bf16 model never exists in memory. ComfyUI's
+``qwen_2.5_vl_7b_fp8_scaled.safetensors`` (per-tensor scaled fp8 Linears, vision tower included) loads too: with
+``--fp8_vl`` its fp8 weights and scales are used as stored, without it they are dequantised to ``dtype`` while streaming.
 """
 
 from __future__ import annotations
@@ -195,6 +197,9 @@ def load_qwen25vl(src: VLSource, *, dtype: torch.dtype, device: torch.device, fp
         has_lm_head = "lm_head.weight" in reader
         if not has_lm_head:  # encoding needs no LM head; captioning (generate) does and refuses without one
             model.lm_head = torch.nn.Identity()
-        load_weights_into_model(model, reader, key_map=VL_KEY_MAP, dtype=dtype, device=device, fp8=fp8_cfg, strict=True)
+        load_weights_into_model(
+            model, reader, key_map=VL_KEY_MAP, dtype=dtype, device=device, fp8=fp8_cfg, strict=True,
+            dequantize_prequantized=not fp8,
+        )  # fmt: skip
     model.has_lm_head = has_lm_head
     return model.eval().requires_grad_(False)

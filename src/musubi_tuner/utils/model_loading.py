@@ -4,7 +4,8 @@ Each tensor goes: read (file dtype) → optional LoRA delta hook (high precision
 conversion → optional fp8 quantisation → moved to ``device`` → assigned as the module's parameter/buffer. The model
 never holds a second copy, so peak memory stays near the final model size (bench/load_peak_memory.py).
 
-fp8 rules (training.md §16): a checkpoint with ``*.scale_weight`` keys is pre-quantised and used as-is; with
+fp8 rules (training.md §16): a checkpoint with ``*.scale_weight`` keys (ComfyUI's scaled-fp8 layout, its markers and
+input scales included: ``utils.scaled_fp8_keys``) is pre-quantised and used as-is (or dequantised on request); with
 ``Fp8Config(scaled=True)`` targeted Linear weights are quantised while streaming; with ``scaled=False`` (plain
 ``--fp8_base``) they are cast to fp8 and upcast per layer at compute time. Every Linear that ends with an fp8 weight
 gets a patched forward, so the model runs on any device.
@@ -23,7 +24,6 @@ import torch
 import torch.nn as nn
 
 from musubi_tuner.modules.fp8_optimization import (
-    SCALE_SUFFIX,
     Fp8Config,
     apply_fp8_monkey_patch,
     cast_to_fp8,
@@ -38,6 +38,7 @@ from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.key_mapping import KeyMap
 from musubi_tuner.utils.log import get_logger
 from musubi_tuner.utils.safetensors_utils import WeightsReader, open_weights
+from musubi_tuner.utils.scaled_fp8_keys import check_comfy_quant, ignored_companion_module, is_marker, weight_scale_module
 
 logger = get_logger(__name__)
 
@@ -54,6 +55,7 @@ class LoadResult:
     quantized: list[str] = field(default_factory=list)
     prequantized: bool = False
     fp8_linears: list[str] = field(default_factory=list)
+    dequantized: list[str] = field(default_factory=list)
 
 
 def _examples(keys: list[str]) -> str:
@@ -118,6 +120,54 @@ def _rescale_merge(hook: LoraDeltaHook, key: str, q: torch.Tensor, scale: torch.
     return new_q, new_scale
 
 
+def _per_tensor_shape(scale: torch.Tensor) -> torch.Tensor:
+    """ComfyUI stores per-tensor scales as scalars (shape ``[]``); ours are ``[1]`` (fp8_optimization's tensor mode)."""
+    return scale.reshape(1) if scale.ndim == 0 else scale
+
+
+def _scaled_fp8_keys(
+    model: nn.Module,
+    reader: WeightsReader,
+    file_to_model: dict[str, str],
+    model_to_file: dict[str, str],
+    expected: dict[str, torch.Tensor],
+) -> tuple[dict[str, str], set[str]]:
+    """The weight scales of a pre-quantised file (model weight key → file scale key) and the file keys consumed
+    without effect (marker, input scales, ``comfy_quant``; see ``utils.scaled_fp8_keys``). A scale whose Linear
+    weight the file lacks, or whose weight is not fp8, is a ``UserError`` naming the scale key."""
+    scales: dict[str, str] = {}
+    for fk, mk in file_to_model.items():
+        module_name = weight_scale_module(mk)
+        if mk in expected or module_name is None:
+            continue
+        weight_key = module_name + ".weight"
+        if weight_key not in expected or not isinstance(_module_and_name(model, weight_key)[0], nn.Linear):
+            continue  # not a Linear of this model: reported as an unexpected key
+        weight_fk = model_to_file.get(weight_key)
+        if weight_fk is None:
+            raise UserError(
+                f"{reader.file_of(fk)}: fp8 scale {fk!r} has no weight {weight_key!r} in the checkpoint "
+                "(a truncated or wrongly converted file?)"
+            )
+        if not is_fp8_dtype(reader.get_dtype(weight_fk)):
+            raise UserError(
+                f"{reader.file_of(fk)}: fp8 scale {fk!r} belongs to {weight_fk!r}, which is "
+                f"{reader.get_dtype(weight_fk)}, not fp8 (a wrongly converted file?)"
+            )
+        if weight_key in scales:
+            raise UserError(f"{reader.file_of(fk)}: {weight_fk!r} has two fp8 scales, {scales[weight_key]!r} and {fk!r}")
+        scales[weight_key] = fk
+    ignored: set[str] = set()
+    for fk, mk in file_to_model.items():
+        if mk in expected:
+            continue
+        module_name = ignored_companion_module(mk)
+        if is_marker(mk) or (module_name is not None and module_name + ".weight" in scales):
+            check_comfy_quant(reader, fk)
+            ignored.add(fk)
+    return scales, ignored
+
+
 def load_weights_into_model(
     model: nn.Module,
     path: str | os.PathLike | Iterable[str | os.PathLike] | WeightsReader,
@@ -130,6 +180,7 @@ def load_weights_into_model(
     lora_deltas: LoraDeltaHook | None = None,
     keep_in_fp32: tuple[str, ...] = (),
     progress: bool = True,
+    dequantize_prequantized: bool = False,
 ) -> LoadResult:
     """Load a checkpoint into ``model`` one tensor at a time, assigning (not copying into) its parameters.
 
@@ -137,13 +188,18 @@ def load_weights_into_model(
     keys. ``dtype``: floating tensors are converted to it (None keeps the file dtype); keys containing a
     ``keep_in_fp32`` substring load as float32. ``lora_deltas(key, weight) -> weight`` receives each tensor (model
     key, high precision: fp8 weights are dequantised to float32 first) and returns it merged, or the same object
-    when it has nothing for that key. ``fp8`` selects fp8 storage (see module docstring). With ``strict``, missing or
+    when it has nothing for that key. ``fp8`` selects fp8 storage (see module docstring); ``dequantize_prequantized``
+    turns the fp8 weights of a pre-quantised file into ``dtype`` (``W = q · scale``, one weight at a time) instead of
+    keeping them (text encoders without their ``--fp8_*`` flag). With ``strict``, missing or
     unexpected keys are a ``UserError`` naming the file and examples; shape mismatches always are. Tensors the
     checkpoint does not provide must not be left on the ``meta`` device.
     """
     reader = path if isinstance(path, WeightsReader) else open_weights(path)
     try:
-        return _load(model, reader, key_map, dtype, torch.device(device), fp8, strict, lora_deltas, keep_in_fp32, progress)
+        return _load(
+            model, reader, key_map, dtype, torch.device(device), fp8, strict, lora_deltas, keep_in_fp32, progress,
+            dequantize_prequantized,
+        )  # fmt: skip
     finally:
         if reader is not path:
             reader.close()
@@ -160,6 +216,7 @@ def _load(
     hook: LoraDeltaHook | None,
     keep_in_fp32: tuple[str, ...],
     progress: bool,
+    dequantize_prequantized: bool,
 ) -> LoadResult:
     if fp8 is not None and fp8.use_scaled_mm:
         check_scaled_mm_supported(device)
@@ -168,18 +225,13 @@ def _load(
     model_to_file = {v: k for k, v in file_to_model.items()}
     result = LoadResult()
 
-    # Pre-quantised checkpoints: "<module>.scale_weight" next to an fp8 "<module>.weight" of a Linear.
-    scales: dict[str, str] = {}  # model weight key -> file scale key
-    for fk, mk in file_to_model.items():
-        if mk.endswith(SCALE_SUFFIX) and mk not in expected:
-            weight_key = mk[: -len(SCALE_SUFFIX)] + ".weight"
-            if weight_key in expected and isinstance(_module_and_name(model, weight_key)[0], nn.Linear):
-                scales[weight_key] = fk
+    scales, ignored = _scaled_fp8_keys(model, reader, file_to_model, model_to_file, expected)
     result.prequantized = bool(scales)
     scale_file_keys = set(scales.values())
 
     result.missing = [k for k in expected if k not in model_to_file]
-    result.unexpected = [fk for fk, mk in file_to_model.items() if mk not in expected and fk not in scale_file_keys]
+    consumed = scale_file_keys | ignored
+    result.unexpected = [fk for fk, mk in file_to_model.items() if mk not in expected and fk not in consumed]
     if strict and (result.missing or result.unexpected):
         parts = []
         if result.missing:
@@ -195,7 +247,8 @@ def _load(
                 f"the model expects {list(expected[mk].shape)} for {mk!r} (wrong checkpoint or model config?)"
             )
     if result.prequantized:
-        logger.info("%s: pre-quantised fp8 checkpoint (%d scaled Linear weights), used as-is", reader.name, len(scales))
+        how = f"dequantised to {dtype or torch.bfloat16}" if dequantize_prequantized else "used as-is"
+        logger.info("%s: pre-quantised fp8 checkpoint (%d scaled Linear weights), %s", reader.name, len(scales), how)
 
     tensor_fp8 = None if result.prequantized else fp8  # a pre-quantised file is used as-is, never quantised further
     keys = [fk for fk in file_to_model if fk not in scale_file_keys and file_to_model[fk] in expected]
@@ -209,8 +262,19 @@ def _load(
         module, leaf = _module_and_name(model, mk)
         t = reader.get_tensor(fk)
         requires_grad = True
-        if mk in scales:
-            scale = reader.get_tensor(scales[mk])
+        if mk in scales and dequantize_prequantized:
+            scale = _per_tensor_shape(reader.get_tensor(scales[mk]))
+            target = torch.float32 if any(s in mk for s in keep_in_fp32) else (dtype or torch.bfloat16)
+            w = dequantize_weight(t, scale, torch.float32 if hook is not None else target)
+            del t
+            if hook is not None:
+                w = hook(mk, w).to(target)
+            _assign(module, leaf, w.to(device), requires_grad=True)
+            result.dequantized.append(mk)
+            del w
+            _release_freed_heap()
+        elif mk in scales:
+            scale = _per_tensor_shape(reader.get_tensor(scales[mk]))
             if hook is not None:
                 t, scale = _rescale_merge(hook, mk, t, scale)
                 _release_freed_heap()

@@ -122,6 +122,16 @@ def _checkpoint_bytes(path: str, what: str, notes: list[str]) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def _t5_bf16_bytes(path: str, notes: list[str]) -> int:
+    """UMT5 without ``--fp8_t5``: the checkpoint's size, a scaled-fp8 file's fp8 weights counted dequantised (bf16)."""
+    from musubi_tuner.memory.generation import scaled_fp8_bytes
+    from musubi_tuner.wan.text_encoders import umt5_weights_file
+
+    weights = umt5_weights_file(path)
+    scaled = scaled_fp8_bytes(weights) if weights.suffix == ".safetensors" else 0
+    return _checkpoint_bytes(path, "--t5", notes) + scaled
+
+
 def _t5_fp8_bytes(path: str) -> int:
     """UMT5 as ``--fp8_t5`` loads it: the blocks' Linear weights at one byte per element, everything else in bfloat16
     (the 256k-token embedding above all, about a fifth of UMT5-XXL). Read from the checkpoint's tensor headers only."""
@@ -201,7 +211,7 @@ def estimate_wan_generation(args: argparse.Namespace) -> dict[str, Any]:
 
         return make
 
-    t5 = (_t5_fp8_bytes(args.t5) if args.fp8_t5 else _checkpoint_bytes(args.t5, "--t5", notes)) if args.t5 else 0
+    t5 = (_t5_fp8_bytes(args.t5) if args.fp8_t5 else _t5_bf16_bytes(args.t5, notes)) if args.t5 else 0
     te = {"UMT5": (t5, True)}
     if args.clip:
         te["CLIP"] = (_checkpoint_bytes(args.clip, "--clip", notes), True)

@@ -29,6 +29,7 @@ from musubi_tuner.utils.key_mapping import KeyMap
 from musubi_tuner.utils.log import get_logger
 from musubi_tuner.utils.model_loading import load_weights_into_model
 from musubi_tuner.utils.safetensors_utils import WeightsReader, open_weights
+from musubi_tuner.utils.scaled_fp8_keys import is_scaled_fp8_companion, weight_scale_module
 
 logger = get_logger(__name__)
 
@@ -138,18 +139,31 @@ def umt5_weights_file(path: str | os.PathLike) -> Path:
 
 def _stream_umt5(model: Any, reader: WeightsReader, key_map: KeyMap, dtype: torch.dtype, device: Any, fp8: bool) -> None:
     """Weights streamed tensor by tensor into the meta-built encoder (``--fp8_t5``: Linear weights of the blocks cast
-    to fp8 on the way, upcast at compute time), so the peak host memory stays near the final model size."""
+    to fp8 on the way, upcast at compute time), so the peak host memory stays near the final model size. ComfyUI's
+    ``umt5_xxl_fp8_e4m3fn_scaled.safetensors`` keeps its fp8 weights and scales with ``--fp8_t5`` and is dequantised
+    to ``dtype`` while streaming without it."""
     model.encoder.embed_tokens = model.shared  # tied: one tensor, read once as shared.weight
-    mapped = set(key_map.map_keys(reader.keys()).values())
+    all_mapped = set(key_map.map_keys(reader.keys()).values())
+    mapped = {k for k in all_mapped if not is_scaled_fp8_companion(k)}
     expected = set(model.state_dict()) - {"encoder.embed_tokens.weight"}
     missing, unexpected = sorted(expected - mapped), sorted(mapped - expected)
+    orphans = sorted(k for k in all_mapped - mapped if (m := weight_scale_module(k)) and f"{m}.weight" in missing)
+    if orphans:
+        raise UserError(
+            f"{reader.name}: fp8 scale {orphans[0]!r} has no weight {orphans[0].rpartition('.')[0] + '.weight'!r} "
+            f"in the T5 checkpoint (--t5; {len(orphans)} such scale(s); a truncated or wrongly converted file?)"
+        )
     if missing or unexpected:
         raise UserError(
             f"{reader.name}: not a UMT5 encoder checkpoint for this config (--t5): {len(missing)} tensors missing "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
     fp8_cfg = Fp8Config(scaled=False, targets=UMT5_FP8_TARGETS) if fp8 else None
-    result = load_weights_into_model(model, reader, key_map=key_map, dtype=dtype, device=device, fp8=fp8_cfg, strict=False)
+    result = load_weights_into_model(
+        model, reader, key_map=key_map, dtype=dtype, device=device, fp8=fp8_cfg, strict=False, dequantize_prequantized=not fp8
+    )
+    if result.unexpected:  # scaled-fp8 keys the loader could not place (e.g. a scale of no Linear)
+        raise UserError(f"{reader.name}: unexpected key(s) in the T5 checkpoint (--t5): {result.unexpected[:3]}")
     if fp8:
         from transformers.models.umt5.modeling_umt5 import UMT5DenseGatedActDense
 
