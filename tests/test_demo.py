@@ -59,3 +59,29 @@ def test_flux2_demo_runs_end_to_end(tmp_path, capsys):
     assert all(len(list((work / "images" / n).glob("*.png"))) == 1 for n in ("base", "lora", "merged", "dev"))
     assert len(list((work / "output" / "sample").glob("*.png"))) == 3  # at first, step 1 and step 2
     assert "LoRA-on-load vs merged DiT: 0.00 / 255" in out
+
+
+@pytest.mark.slow
+def test_qwen_image_demo_runs_end_to_end(tmp_path, capsys):
+    main(["--arch", "qwen_image", "--work_dir", str(tmp_path / "demo"), "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "=== Blissful Tuner demo (Qwen-Image): done ===" in out
+    work = tmp_path / "demo"
+    assert (work / "merged" / "qwen_image_tiny_lora.safetensors").is_file()
+    assert all(len(list((work / "images" / n).glob("*.png"))) == 1 for n in ("base", "lora", "merged", "edit"))
+    assert "LoRA-on-load vs merged DiT: 0.00 / 255" in out
+
+
+@pytest.mark.slow
+def test_wan_demo_runs_end_to_end(tmp_path, capsys):
+    main(["--arch", "wan", "--work_dir", str(tmp_path / "demo"), "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "=== Blissful Tuner Wan demo: done ===" in out
+    work = tmp_path / "demo"
+    # --expert both: one LoRA per expert from one run
+    assert sorted(p.name for p in (work / "output").glob("wan_a14b_lora_*.safetensors")) == [
+        "wan_a14b_lora_high_noise.safetensors",
+        "wan_a14b_lora_low_noise.safetensors",
+    ]
+    assert (work / "merged" / "wan_t2v_demo_lora.safetensors").is_file()
+    assert "LoRA-on-load vs merged DiT: 0.00 / 255" in out
