@@ -94,6 +94,32 @@ def test_precast_fp8_checkpoint_needs_fp8_base(tmp_path):
         load_dit(TASK, path, dtype=torch.bfloat16, fp8_base=True, fp8_scaled=True)
 
 
+def test_comfy_scaled_fp8_dit_file_computes_with_its_dequantised_weights(tmp_path):
+    """ComfyUI's ``wan2.1_*_fp8_scaled.safetensors`` layout: ``model.diffusion_model.`` prefix, block Linears in
+    float8_e4m3fn with a per-tensor ``scale_weight`` (W = q · s) and a ``scaled_fp8`` marker. With ``--fp8_base`` the
+    weights stay as stored and the DiT computes exactly what the dequantised float32 model computes."""
+    model = tiny(2)
+    stored, dequantised = {}, {}
+    for k, v in model.state_dict().items():
+        if k.startswith("blocks.") and k.endswith(".weight") and v.dim() == 2:
+            scale = v.abs().max() / 448.0
+            q = (v / scale).to(torch.float8_e4m3fn)
+            stored[k], stored[k.removesuffix("weight") + "scale_weight"] = q, scale.reshape(())
+            dequantised[k] = q.float() * scale
+        else:
+            stored[k] = dequantised[k] = v
+    stored["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    meta = {"wan_dit_config": json.dumps(model.config)}
+    comfy, ref_path = tmp_path / "wan_fp8_scaled.safetensors", tmp_path / "dequantised.safetensors"
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in stored.items()}, str(comfy), metadata=meta)
+    save_file({k: v.contiguous() for k, v in dequantised.items()}, str(ref_path), metadata=meta)
+    m = load_dit(TASK, comfy, dtype=torch.float32, fp8_base=True)
+    assert m.blocks[1].ffn[2].weight.dtype == torch.float8_e4m3fn
+    ref = load_dit(TASK, ref_path, dtype=torch.float32)
+    x, t, ctx = inputs()
+    assert torch.allclose(m(x, t, ctx), ref(x, t, ctx), rtol=1e-5, atol=1e-6)
+
+
 def test_comfy_prefix_takes_the_same_lora_with_every_module(tmp_path):
     model = tiny(2)
     net = create_arch_network(1.0, 4, 4, None, None, model)
