@@ -184,6 +184,42 @@ def test_load_official_prefixed_and_diffusers_dir(tmp_path):
             assert torch.allclose(m(*x, g), want, atol=1e-6), src
 
 
+def test_comfy_scaled_fp8_dit_file_computes_with_its_dequantised_weights(tmp_path):
+    """ComfyUI's FLUX.2 fp8 files (e.g. ``flux2_dev_fp8mixed``): ``model.diffusion_model.`` prefix, some block Linears in
+    float8_e4m3fn with a per-tensor scale in the newer spelling (``weight_scale``, ``input_scale``, ``comfy_quant``),
+    others left in bf16. With ``--fp8_base`` they stay as stored and the DiT computes what the dequantised model does."""
+    import json
+
+    from musubi_tuner.flux_2.configs import get_model_version
+    from musubi_tuner.flux_2.models.loading import load_dit
+
+    ours, _ = make_pair(True)
+    stored, dequantised = {}, {}
+    for i, (k, v) in enumerate(ours.state_dict().items()):
+        if "_blocks." in k and k.endswith(".weight") and v.dim() == 2 and i % 2 == 0:  # "mixed": every other Linear
+            scale = v.abs().max() / 448.0
+            q = (v / scale).to(torch.float8_e4m3fn)
+            module = k.removesuffix(".weight")
+            stored[k], stored[module + ".weight_scale"] = q, scale.reshape(())
+            stored[module + ".input_scale"] = torch.tensor(1.0)
+            stored[module + ".comfy_quant"] = torch.tensor(
+                list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8
+            )
+            dequantised[k] = q.float() * scale
+        else:
+            stored[k] = dequantised[k] = v
+    assert any(v.dtype == torch.float8_e4m3fn for v in stored.values())
+    _save_official(tmp_path / "fp8mixed.safetensors", stored, guidance=True, prefix="model.diffusion_model.")
+    _save_official(tmp_path / "dequantised.safetensors", dequantised, guidance=True)
+    x = inputs(b=1, refs=((2, 2),))
+    g = torch.tensor([4.0])
+    with torch.no_grad():
+        m = load_dit(get_model_version("dev"), tmp_path / "fp8mixed.safetensors", dtype=torch.float32, fp8_base=True)
+        ref = load_dit(get_model_version("dev"), tmp_path / "dequantised.safetensors", dtype=torch.float32)
+        assert sum(p.dtype == torch.float8_e4m3fn for p in m.state_dict().values()) > 0
+        assert torch.allclose(m(*x, g), ref(*x, g), rtol=1e-5, atol=1e-6)
+
+
 def test_variant_mismatch_is_one_clear_error(tmp_path):
     from musubi_tuner.flux_2.configs import get_model_version
     from musubi_tuner.flux_2.models.loading import load_dit
