@@ -74,6 +74,37 @@ def test_prefixed_checkpoint_with_marker_loads_and_takes_the_whole_lora(qwen_bun
     assert not torch.allclose(out, _run(plain, _inputs()))
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_scaled"])
+def test_comfy_fp8_dit_files_compute_with_their_dequantised_weights(qwen_bundle, tmp_path, scaled):
+    """ComfyUI's fp8 Qwen-Image files: ``qwen_image_fp8_e4m3fn.safetensors`` (block Linears cast to float8_e4m3fn,
+    no scale) and the scaled-fp8 layout (per-tensor ``scale_weight`` + ``scaled_fp8`` marker), prefixed. With
+    ``--fp8_base`` the weights stay as stored and the DiT computes what the dequantised model does."""
+    from safetensors import safe_open
+
+    with safe_open(str(qwen_bundle.dit), "pt") as f:
+        md = f.metadata()
+    stored, dequantised = {}, {}
+    for k, v in load_file(str(qwen_bundle.dit)).items():
+        if k.startswith("transformer_blocks.") and k.endswith(".weight") and v.dim() == 2:
+            scale = v.float().abs().max() / 448.0 if scaled else torch.tensor(1.0)
+            q = (v.float() / scale).to(torch.float8_e4m3fn)
+            stored[k] = q
+            if scaled:
+                stored[k.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+            dequantised[k] = q.float() * scale
+        else:
+            stored[k] = dequantised[k] = v
+    if scaled:
+        stored["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    comfy, ref_path = tmp_path / "comfy_fp8.safetensors", tmp_path / "dequantised.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in stored.items()}, str(comfy), metadata=md)
+    save_file({k: v.contiguous() for k, v in dequantised.items()}, str(ref_path), metadata=md)
+    dit = load_dit(ORIGINAL, comfy, dtype=torch.float32, fp8_base=True)
+    assert dit.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    ref = load_dit(ORIGINAL, ref_path, dtype=torch.float32)
+    assert torch.allclose(_run(dit, _inputs()), _run(ref, _inputs()), rtol=1e-5, atol=1e-6)
+
+
 def test_diffusers_directory_and_variant_errors(qwen_bundle):
     a = load_dit(ORIGINAL, qwen_bundle.dit_diffusers, dtype=torch.float32)
     b = load_dit(ORIGINAL, qwen_bundle.dit, dtype=torch.float32)
