@@ -168,11 +168,23 @@ def bare_mistral3(flux2_bundle, tmp_path):
     return bare, tok
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8_text_encoder"])
-def test_bare_mistral3_file_equals_the_hf_directory(flux2_bundle, bare_mistral3, monkeypatch, fp8):
+@pytest.mark.parametrize("fp8, pruned", [(False, False), (True, False), (False, True)], ids=["bf16", "fp8", "pruned"])
+def test_bare_mistral3_file_equals_the_hf_directory(flux2_bundle, bare_mistral3, monkeypatch, fp8, pruned):
+    """bf16 and ``--fp8_text_encoder``; ``pruned``: ComfyUI's pruned variant (the layers after the last one read and the
+    final norm removed), recognised through ``BARE_LAYER_COUNTS`` (the tiny 4-layer model reads up to layer 3)."""
+    from safetensors.torch import load_file, save_file
+
+    from musubi_tuner.flux_2 import text_encoders
+
     bare, tok = bare_mistral3
     v = get_model_version("dev")
     _with_tiny_release(monkeypatch, flux2_bundle, "mistral3")
+    if pruned:
+        sd = {k: t for k, t in load_file(bare).items() if not k.startswith("model.layers.3.") and k != "model.norm.weight"}
+        save_file(sd, str(bare))
+        with pytest.raises(UserError, match=r"vocab 640, hidden 16, 3 layers\) match no released"):
+            Flux2TextEncoder(bare, v, tokenizer=str(tok))
+        monkeypatch.setattr(text_encoders, "BARE_LAYER_COUNTS", {"tiny": (3,)})
     want = Flux2TextEncoder(flux2_bundle.text_encoder_mistral3, v, dtype=torch.bfloat16, fp8=fp8).encode(PROMPTS)
     enc = Flux2TextEncoder(bare, v, dtype=torch.bfloat16, fp8=fp8, tokenizer=str(tok))
     assert enc.kind == "mistral3" and enc.layers == (1, 2, 3)
@@ -186,7 +198,7 @@ def test_bare_mistral3_file_of_unknown_shapes_names_the_known_configs(bare_mistr
         UserError,
         match=r"mistral_3_small_flux2_bf16\.safetensors: no config.json beside this single file \(--text_encoder\) and its "
         r"tensors \(vocab 640, hidden 16, 4 layers\) match no released text encoder.*Qwen3-4B .*"
-        r"Mistral-Small-3\.x-24B \(vocab 131072, hidden 5120, 40 layers\)",
+        r"Mistral-Small-3\.x-24B \(vocab 131072, hidden 5120, 40 or 30 layers\)",
     ):
         Flux2TextEncoder(bare, get_model_version("dev"), tokenizer=str(tok))
     _with_tiny_release(monkeypatch, flux2_bundle, "mistral3")  # recognised, but it is not what klein needs

@@ -69,8 +69,11 @@ RELEASED_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
         "model_type": "mistral3",
         "architectures": ["Mistral3ForConditionalGeneration"],
         "text_config": _MISTRAL_SMALL_3_TEXT,
-    },  # fmt: skip
+    },
 }
+# Layer counts a bare file of a released encoder may have besides the full one: ComfyUI's FLUX.2 "pruned" Mistral
+# drops layers 31-40 (dev reads hidden states up to 30) and may drop the final norm too.
+BARE_LAYER_COUNTS: dict[str, tuple[int, ...]] = {"Mistral-Small-3.x-24B": (30,)}
 FP8_TEXT_TARGETS = ("layers.",)
 FP8_TEXT_EXCLUDES = ("norm",)
 # Decoder-layer keys of every layout read here: HF Qwen3 / ComfyUI (``model.layers.N``), HF Mistral 3 (both spellings).
@@ -138,11 +141,13 @@ def infer_text_config(weights: Path, flag: str = "--text_encoder") -> dict[str, 
     layers = len({int(m[1]) for k in keys if (m := _LAYER_KEY.match(k))})
     for name, cfg in RELEASED_TEXT_CONFIGS.items():
         text = _text_part(cfg)
-        if (text["vocab_size"], text["hidden_size"], text["num_hidden_layers"]) == (vocab, hidden, layers):
+        counts = (text["num_hidden_layers"], *BARE_LAYER_COUNTS.get(name, ()))
+        if (text["vocab_size"], text["hidden_size"]) == (vocab, hidden) and layers in counts:
             logger.info("%s: no config.json beside it; %s by its shapes (hidden %d, %d layers)", weights, name, hidden, layers)
             return copy.deepcopy(cfg)
     known = ", ".join(
-        f"{n} (vocab {t['vocab_size']}, hidden {t['hidden_size']}, {t['num_hidden_layers']} layers)"
+        f"{n} (vocab {t['vocab_size']}, hidden {t['hidden_size']}, "
+        f"{' or '.join(str(c) for c in (t['num_hidden_layers'], *BARE_LAYER_COUNTS.get(n, ())))} layers)"
         for n, t in ((n, _text_part(c)) for n, c in RELEASED_TEXT_CONFIGS.items())
     )
     found = f"vocab {vocab}, hidden {hidden}, {layers} layers" if embed else "no embed_tokens.weight"
@@ -265,6 +270,8 @@ class Flux2TextEncoder:
         reader = open_weights(src.weights)
         try:
             key_map = _decoder_key_map(self.kind, reader.keys(), n_build)
+            if not any(key_map.map(k) == "norm.weight" for k in reader.keys()):
+                model.norm = torch.nn.Identity()  # a pruned file without the final norm: its output is never used
             fp8_cfg = Fp8Config(mode="block", block_size=64, targets=FP8_TEXT_TARGETS, excludes=FP8_TEXT_EXCLUDES) if fp8 else None
             load_weights_into_model(
                 model, reader, key_map=key_map, dtype=dtype, device=self.device, fp8=fp8_cfg, strict=True,
