@@ -81,14 +81,14 @@ def bare_qwen3(flux2_bundle, tmp_path):
     return bare, tok
 
 
-def _with_tiny_release(monkeypatch, flux2_bundle):
-    """The released-config table extended with the tiny encoder's config (what a real Qwen3-4B/8B entry holds)."""
+def _with_tiny_release(monkeypatch, flux2_bundle, kind="qwen3"):
+    """The released-config table extended with the tiny encoder's config (what a real Qwen3 / Mistral entry holds)."""
     import json
 
     from musubi_tuner.flux_2 import text_encoders
 
-    tiny = json.loads((flux2_bundle.text_encoder_qwen3 / "config.json").read_text())
-    monkeypatch.setattr(text_encoders, "RELEASED_QWEN3_CONFIGS", {**text_encoders.RELEASED_QWEN3_CONFIGS, "tiny": tiny})
+    tiny = json.loads((getattr(flux2_bundle, f"text_encoder_{kind}") / "config.json").read_text())
+    monkeypatch.setattr(text_encoders, "RELEASED_TEXT_CONFIGS", {**text_encoders.RELEASED_TEXT_CONFIGS, "tiny": tiny})
 
 
 def test_bare_qwen3_file_config_from_shapes_and_tokenizer_search(flux2_bundle, bare_qwen3, monkeypatch):
@@ -98,7 +98,8 @@ def test_bare_qwen3_file_config_from_shapes_and_tokenizer_search(flux2_bundle, b
     v = get_model_version("klein-4b")
     # shapes match no released encoder: one message naming the shapes and the released ones
     with pytest.raises(
-        UserError, match=r"qwen_3_tiny\.safetensors: no config.json.*hidden 16, 4 layers.*Qwen3-4B \(hidden 2560, 36 layers\)"
+        UserError,
+        match=r"qwen_3_tiny\.safetensors: no config.json.*hidden 16, 4 layers.*Qwen3-4B \(vocab 151936, hidden 2560, 36 layers\)",
     ):
         Flux2TextEncoder(bare, v, tokenizer=str(tok))
     _with_tiny_release(monkeypatch, flux2_bundle)
@@ -129,30 +130,139 @@ def test_bare_qwen3_file_through_the_cache_script(flux2_bundle, bare_qwen3, monk
     assert run.encoder.hidden_size == 16 and run.encoder.cache_metadata()["flux2_text_encoder"] == "qwen3-16"
 
 
+def comfy_mistral3_state_dict(hf_dir):
+    """The tiny HF Mistral 3 weights in the layout of ComfyUI's ``mistral_3_small_flux2_bf16.safetensors``: the language
+    model under ``model.`` (``model.embed_tokens``, ``model.layers.N``, ``model.norm``), the vision tower and projector
+    at the top level, and the tokenizer (``tekken.json``) embedded as the uint8 tensor ``tekken_model``."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for key, t in load_file(hf_dir / "model.safetensors").items():
+        for hf, comfy in (("model.language_model.", "model."), ("language_model.model.", "model."), ("model.", "")):
+            if key.startswith(hf):
+                key = comfy + key[len(hf) :]
+                break
+        out[key.removeprefix("language_model.")] = t
+    out["tekken_model"] = torch.tensor(list(b'{"config": "tiny"}'), dtype=torch.uint8)
+    assert {"model.embed_tokens.weight", "model.layers.3.mlp.down_proj.weight", "model.norm.weight"} <= set(out)
+    assert any(k.startswith("vision_tower.") for k in out) and any(k.startswith("multi_modal_projector.") for k in out)
+    return out
+
+
+@pytest.fixture()
+def bare_mistral3(flux2_bundle, tmp_path):
+    """ComfyUI-style dev encoder: one bare file, no config.json; the tokenizer in another folder (FLUX.2-dev's
+    ``tokenizer/``)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = flux2_bundle.text_encoder_mistral3
+    (tmp_path / "text_encoders").mkdir()
+    bare = tmp_path / "text_encoders" / "mistral_3_small_flux2_bf16.safetensors"
+    save_file(comfy_mistral3_state_dict(src), str(bare))
+    tok = tmp_path / "tokenizer"
+    tok.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, tok / f)
+    return bare, tok
+
+
+@pytest.mark.parametrize("fp8, pruned", [(False, False), (True, False), (False, True)], ids=["bf16", "fp8", "pruned"])
+def test_bare_mistral3_file_equals_the_hf_directory(flux2_bundle, bare_mistral3, monkeypatch, fp8, pruned):
+    """bf16 and ``--fp8_text_encoder``; ``pruned``: ComfyUI's pruned variant (the layers after the last one read and the
+    final norm removed), recognised through ``BARE_LAYER_COUNTS`` (the tiny 4-layer model reads up to layer 3)."""
+    from safetensors.torch import load_file, save_file
+
+    from musubi_tuner.flux_2 import text_encoders
+
+    bare, tok = bare_mistral3
+    v = get_model_version("dev")
+    _with_tiny_release(monkeypatch, flux2_bundle, "mistral3")
+    if pruned:
+        sd = {k: t for k, t in load_file(bare).items() if not k.startswith("model.layers.3.") and k != "model.norm.weight"}
+        save_file(sd, str(bare))
+        with pytest.raises(UserError, match=r"vocab 640, hidden 16, 3 layers\) match no released"):
+            Flux2TextEncoder(bare, v, tokenizer=str(tok))
+        monkeypatch.setattr(text_encoders, "BARE_LAYER_COUNTS", {"tiny": (3,)})
+    want = Flux2TextEncoder(flux2_bundle.text_encoder_mistral3, v, dtype=torch.bfloat16, fp8=fp8).encode(PROMPTS)
+    enc = Flux2TextEncoder(bare, v, dtype=torch.bfloat16, fp8=fp8, tokenizer=str(tok))
+    assert enc.kind == "mistral3" and enc.layers == (1, 2, 3)
+    assert any(p.dtype == torch.float8_e4m3fn for p in enc.model.parameters()) == fp8
+    assert torch.equal(enc.encode(PROMPTS), want)
+
+
+def test_bare_mistral3_file_of_unknown_shapes_names_the_known_configs(bare_mistral3, flux2_bundle, monkeypatch):
+    bare, tok = bare_mistral3
+    with pytest.raises(
+        UserError,
+        match=r"mistral_3_small_flux2_bf16\.safetensors: no config.json beside this single file \(--text_encoder\) and its "
+        r"tensors \(vocab 640, hidden 16, 4 layers\) match no released text encoder.*Qwen3-4B .*"
+        r"Mistral-Small-3\.x-24B \(vocab 131072, hidden 5120, 40 or 30 layers\)",
+    ):
+        Flux2TextEncoder(bare, get_model_version("dev"), tokenizer=str(tok))
+    _with_tiny_release(monkeypatch, flux2_bundle, "mistral3")  # recognised, but it is not what klein needs
+    with pytest.raises(UserError, match=r"--text_encoder is Mistral 3.*klein-4b needs a Qwen3"):
+        Flux2TextEncoder(bare, get_model_version("klein-4b"), tokenizer=str(tok))
+
+
+def test_released_mistral_small_config_builds_the_24b_decoder():
+    """The table entry a real ``mistral_3_small_flux2_bf16.safetensors`` matches gives the released 24B geometry."""
+    from musubi_tuner.flux_2 import text_encoders as te
+
+    cfg = te.RELEASED_TEXT_CONFIGS["Mistral-Small-3.x-24B"]
+    text = te.check_encoder_for_version(cfg, get_model_version("dev"), "mistral_3_small_flux2_bf16.safetensors")
+    model = te._build_decoder("mistral3", text, 2)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert tuple(model.embed_tokens.weight.shape) == (131072, 5120)
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, mlp.gate_proj.out_features) == (32 * 128, 8 * 128, 32768)
+    te._init_rotary_buffers(model, torch.device("cpu"))
+    inv_freq = model.rotary_emb.inv_freq.double()  # RoPE θ 1e9 over head_dim 128: θ^(-2i/128)
+    assert torch.allclose(inv_freq[[1, 63]], torch.tensor([1e9 ** (-2 / 128), 1e9 ** (-126 / 128)], dtype=torch.float64))
+    assert model.norm.variance_epsilon == 1e-5 and model.config.sliding_window is None
+
+
+def test_bare_mistral3_file_through_the_cache_script(flux2_bundle, bare_mistral3, tmp_path, monkeypatch):
+    """``flux_2_cache_text_encoder_outputs.py --text_encoder mistral_3_small_flux2_bf16.safetensors --tokenizer DIR``
+    caches what the HF directory encodes."""
+    from safetensors.torch import load_file
+
+    from musubi_tuner.dataset.cache_format import te_cache_glob
+    from musubi_tuner.demo.flux2_data import write_flux2_dataset
+    from musubi_tuner.flux_2.configs import ARCH
+    from musubi_tuner.flux_2_cache_text_encoder_outputs import main
+
+    bare, tok = bare_mistral3
+    _with_tiny_release(monkeypatch, flux2_bundle, "mistral3")
+    data = write_flux2_dataset(tmp_path / "data", n_images=1)
+    main(["--dataset_config", str(data.t2i_toml), "--model_version", "dev", "--text_encoder", str(bare), "--tokenizer",
+          str(tok), "--device", "cpu"])  # fmt: skip
+    (cache,) = data.t2i_cache_dir.glob(te_cache_glob(ARCH))
+    (ctx,) = load_file(cache).values()
+    want = Flux2TextEncoder(flux2_bundle.text_encoder_mistral3, get_model_version("dev")).encode(list(data.captions.values()))
+    assert torch.equal(ctx, want[0].to(ctx.dtype))
+
+
 @pytest.mark.parametrize(
     "kind, version, new_spelling",
     [("qwen3", "klein-4b", False), ("qwen3", "klein-4b", True), ("mistral3", "dev", False)],
     ids=["qwen3-scale_weight", "qwen3-weight_scale", "mistral3"],
 )
 def test_scaled_fp8_file_loads_as_its_dequantised_weights(flux2_bundle, tmp_path, monkeypatch, kind, version, new_spelling):
-    """ComfyUI's fp8 text-encoder files: every Linear of the decoder layers per-tensor scaled fp8 (the bare Qwen3 file
-    with its config inferred from the shapes; Mistral's with its config.json beside it). Equal to the bf16 file of
+    """ComfyUI's fp8 text-encoder files (``qwen_3_4b_fp8_scaled``, ``mistral_3_small_flux2_fp8``): every Linear of the
+    decoder layers per-tensor scaled fp8, bare, the config inferred from the shapes. Equal to the bf16 file of
     ``q · scale``, dequantised (no flag) or kept in fp8 (``--fp8_text_encoder``)."""
-    import shutil
-
     from safetensors.torch import load_file
     from scaled_fp8_files import write_scaled_fp8_pair
 
     src = getattr(flux2_bundle, f"text_encoder_{kind}")
     folder = tmp_path / "text_encoders"
     folder.mkdir()
-    if kind == "qwen3":
-        _with_tiny_release(monkeypatch, flux2_bundle)
-    else:
-        shutil.copy(src / "config.json", folder / "config.json")
+    _with_tiny_release(monkeypatch, flux2_bundle, kind)
+    weights = load_file(src / "model.safetensors") if kind == "qwen3" else comfy_mistral3_state_dict(src)
     scaled, reference = folder / f"{kind}_fp8_scaled.safetensors", folder / f"{kind}_dequantised.safetensors"
     done = write_scaled_fp8_pair(
-        load_file(src / "model.safetensors"), lambda k: "layers." in k and "norm" not in k, scaled, reference,
+        weights, lambda k: "layers." in k and "norm" not in k, scaled, reference,
         new_spelling=new_spelling,
     )  # fmt: skip
     assert any(k.endswith("layers.3.mlp.down_proj.weight") for k in done)

@@ -6,7 +6,9 @@ Mistral's vision tower) are never read from disk. The weights stream tensor by t
 meta device (``utils.model_loading``); with ``--fp8_text_encoder`` (alias ``--fp8_m3``) the Linear weights of the
 decoder layers are stored block-scaled fp8 and computed in bf16 — for both encoders (upstream refuses Mistral 3).
 A scaled-fp8 file (ComfyUI's fp8 Qwen3 / Mistral files: fp8 Linear weights with per-tensor scales) keeps its fp8
-weights and scales with that flag and is dequantised to the compute dtype while streaming without it.
+weights and scales with that flag and is dequantised to the compute dtype while streaming without it. ComfyUI's bare
+files (no config.json: ``qwen_3_4b.safetensors``, ``mistral_3_small_flux2_bf16.safetensors``) get the config of the
+released encoder their shapes match (``RELEASED_TEXT_CONFIGS``).
 
 Output per prompt: ``(512, 3·hidden)``, the three layer outputs concatenated layer-major, all 512 positions (pads
 included, as both references do).
@@ -14,6 +16,7 @@ included, as both references do).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -42,9 +45,10 @@ RELEASED_LAYERS = {"qwen3": 36, "mistral3": 40}
 RELEASED_HIDDEN = {"mistral3": (5120,), "qwen3": (2560, 4096)}
 KIND_NAMES = {"qwen3": "Qwen3", "mistral3": "Mistral 3 (Mistral-Small-3.x)"}
 _MODEL_TYPES = {"qwen3": "qwen3", "mistral3": "mistral3"}
-# The config.json facts of the released klein text encoders (Qwen/Qwen3-4B, Qwen/Qwen3-8B). ComfyUI ships them as bare
-# ``qwen_3_4b.safetensors`` / ``qwen_3_8b.safetensors`` without a config: such a file is matched here by its embedding
-# width and layer count (``infer_text_config``).
+# The config.json facts of the released text encoders (Qwen/Qwen3-4B, Qwen/Qwen3-8B for klein; the text_config of
+# mistralai/Mistral-Small-3.2-24B-Instruct-2506 for dev). ComfyUI ships them as bare files without a config
+# (``qwen_3_4b.safetensors``, ``qwen_3_8b.safetensors``, ``mistral_3_small_flux2_bf16.safetensors`` / ``_fp8``): such a
+# file is matched here by its embedding shape (vocab, width) and layer count (``infer_text_config``).
 _QWEN3_COMMON = {
     "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "initializer_range": 0.02,
@@ -52,12 +56,29 @@ _QWEN3_COMMON = {
     "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
     "sliding_window": None, "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
 }  # fmt: skip
-RELEASED_QWEN3_CONFIGS: dict[str, dict[str, Any]] = {
+_MISTRAL_SMALL_3_TEXT = {
+    "model_type": "mistral", "attention_dropout": 0.0, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+    "initializer_range": 0.02, "intermediate_size": 32768, "max_position_embeddings": 131072, "num_attention_heads": 32,
+    "num_hidden_layers": 40, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000000.0,
+    "sliding_window": None, "use_cache": True, "vocab_size": 131072,
+}  # fmt: skip
+RELEASED_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
     "Qwen3-4B": {**_QWEN3_COMMON, "hidden_size": 2560, "intermediate_size": 9728, "tie_word_embeddings": True},
     "Qwen3-8B": {**_QWEN3_COMMON, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False},
+    "Mistral-Small-3.x-24B": {
+        "model_type": "mistral3",
+        "architectures": ["Mistral3ForConditionalGeneration"],
+        "text_config": _MISTRAL_SMALL_3_TEXT,
+    },
 }
+# Layer counts a bare file of a released encoder may have besides the full one: ComfyUI's FLUX.2 "pruned" Mistral
+# drops layers 31-40 (dev reads hidden states up to 30) and may drop the final norm too.
+BARE_LAYER_COUNTS: dict[str, tuple[int, ...]] = {"Mistral-Small-3.x-24B": (30,)}
 FP8_TEXT_TARGETS = ("layers.",)
 FP8_TEXT_EXCLUDES = ("norm",)
+# Decoder-layer keys of every layout read here: HF Qwen3 / ComfyUI (``model.layers.N``), HF Mistral 3 (both spellings).
+_LAYER_PREFIX = r"(?:model\.language_model\.|language_model\.model\.|model\.)?"
+_LAYER_KEY = re.compile(_LAYER_PREFIX + r"layers\.(\d+)\.")
 
 
 def output_layers_for(kind: str, official: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
@@ -105,22 +126,31 @@ def _tokenizer_dir(model_dir: Path, root: Path) -> Path:
     return model_dir
 
 
+def _text_part(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The language-model part of a config (Mistral 3 nests it in ``text_config``)."""
+    return cfg.get("text_config", cfg)
+
+
 def infer_text_config(weights: Path, flag: str = "--text_encoder") -> dict[str, Any]:
-    """The config of a bare Qwen3 weights file: its embedding width and layer count matched against
-    ``RELEASED_QWEN3_CONFIGS``; anything else is a ``UserError`` naming the shapes found and the known ones."""
+    """The config of a bare text-encoder weights file: its embedding shape (vocab, width) and layer count matched
+    against ``RELEASED_TEXT_CONFIGS``; anything else is a ``UserError`` naming the shapes found and the known ones."""
     with open_weights(weights) as reader:
         keys = reader.keys()
         embed = next((k for k in keys if k.endswith("embed_tokens.weight")), None)
-        hidden = int(reader.get_shape(embed)[1]) if embed else None
-    layers = len({int(m[1]) for k in keys if (m := re.match(r"(?:model\.)?layers\.(\d+)\.", k))})
-    for name, cfg in RELEASED_QWEN3_CONFIGS.items():
-        if (cfg["hidden_size"], cfg["num_hidden_layers"]) == (hidden, layers):
+        vocab, hidden = (int(n) for n in reader.get_shape(embed)[:2]) if embed else (None, None)
+    layers = len({int(m[1]) for k in keys if (m := _LAYER_KEY.match(k))})
+    for name, cfg in RELEASED_TEXT_CONFIGS.items():
+        text = _text_part(cfg)
+        counts = (text["num_hidden_layers"], *BARE_LAYER_COUNTS.get(name, ()))
+        if (text["vocab_size"], text["hidden_size"]) == (vocab, hidden) and layers in counts:
             logger.info("%s: no config.json beside it; %s by its shapes (hidden %d, %d layers)", weights, name, hidden, layers)
-            return dict(cfg)
+            return copy.deepcopy(cfg)
     known = ", ".join(
-        f"{n} (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers)" for n, c in RELEASED_QWEN3_CONFIGS.items()
+        f"{n} (vocab {t['vocab_size']}, hidden {t['hidden_size']}, "
+        f"{' or '.join(str(c) for c in (t['num_hidden_layers'], *BARE_LAYER_COUNTS.get(n, ())))} layers)"
+        for n, t in ((n, _text_part(c)) for n, c in RELEASED_TEXT_CONFIGS.items())
     )
-    found = f"hidden {hidden}, {layers} layers" if embed else "no embed_tokens.weight"
+    found = f"vocab {vocab}, hidden {hidden}, {layers} layers" if embed else "no embed_tokens.weight"
     raise UserError(
         f"{weights}: no config.json beside this single file ({flag}) and its tensors ({found}) match no released "
         f"text encoder it could be: {known}; put the model's config.json beside it or pass the Hugging Face directory"
@@ -152,7 +182,7 @@ def check_encoder_for_version(cfg: dict, version: ModelVersion, source: str, fla
     if kind != want:
         got = KIND_NAMES.get(kind or "", f"model_type {cfg.get('model_type')!r}")
         raise UserError(f"{source}: {flag} is {got}, but --model_version {version.name} needs a {KIND_NAMES[want]} encoder")
-    text_cfg = cfg.get("text_config", cfg) if kind == "mistral3" else cfg
+    text_cfg = _text_part(cfg) if kind == "mistral3" else cfg
     layers = int(text_cfg.get("num_hidden_layers", 0))
     hidden = int(text_cfg.get("hidden_size", 0))
     if layers == RELEASED_LAYERS[kind] and hidden != version.text_hidden_size:
@@ -189,13 +219,13 @@ def _decoder_key_map(kind: str, keys: list[str], num_layers: int) -> KeyMap:
         if any(k.startswith(p) for k in keys):
             prefixes.append((p, ""))
             break
-    layer_rx = r"(?:model\.language_model\.|language_model\.model\.|model\.)?layers\.(\d+)\..*"
     unused = "|".join(str(i) for i in range(num_layers, 512))
     dropped = (
         r"(?:language_model\.)?lm_head\..*",
         r"(?:model\.)?vision_tower\..*",
         r"(?:model\.)?multi_modal_projector\..*",
-        layer_rx.replace(r"(\d+)", f"(?:{unused})"),
+        _LAYER_PREFIX + rf"layers\.(?:{unused})\..*",
+        "tekken_model",  # ComfyUI's Mistral file embeds its tokenizer (tekken.json) as one uint8 tensor
     )
     return KeyMap(prefixes=tuple(prefixes), dropped=dropped)
 
@@ -240,6 +270,8 @@ class Flux2TextEncoder:
         reader = open_weights(src.weights)
         try:
             key_map = _decoder_key_map(self.kind, reader.keys(), n_build)
+            if not any(key_map.map(k) == "norm.weight" for k in reader.keys()):
+                model.norm = torch.nn.Identity()  # a pruned file without the final norm: its output is never used
             fp8_cfg = Fp8Config(mode="block", block_size=64, targets=FP8_TEXT_TARGETS, excludes=FP8_TEXT_EXCLUDES) if fp8 else None
             load_weights_into_model(
                 model, reader, key_map=key_map, dtype=dtype, device=self.device, fp8=fp8_cfg, strict=True,
