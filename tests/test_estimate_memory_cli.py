@@ -273,3 +273,20 @@ def test_qwen_image_estimates(qwen_bundle, tmp_path_factory, tmp_path, capsys, n
     assert seven["phases"]["denoising"] > three["device"]["phases"]["denoising"]
     assert not (tmp_path / "o").exists() and not (tmp_path / "out").exists()
     assert not torch.cuda.is_initialized()
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8_text_encoder"])
+def test_flux2_text_encoder_estimate_is_what_the_loader_holds(flux2_bundle, fp8):
+    """The generation estimate sizes the text encoder by running its loader on fake tensors: the used layers only (no LM
+    head, no layers after the last output layer), fp8 as quantised — equal to the real load's bytes."""
+    from musubi_tuner.flux_2.configs import get_model_version
+    from musubi_tuner.flux_2.memory import loaded_text_encoder_bytes
+    from musubi_tuner.flux_2.text_encoders import Flux2TextEncoder
+    from musubi_tuner.memory.generation import weights_bytes
+
+    for version, path in (("klein-4b", flux2_bundle.text_encoder_qwen3), ("dev", flux2_bundle.text_encoder_mistral3)):
+        v = get_model_version(version)
+        model = Flux2TextEncoder(path, v, dtype=torch.bfloat16, fp8=fp8).model
+        held = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+        assert loaded_text_encoder_bytes(str(path), v, fp8, None) == held, version
+        assert held < weights_bytes(path)  # the file holds more than the encoder loads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -18,6 +19,7 @@ from musubi_tuner.dataset.cache_format import (
     save_cache,
     te_cache_path,
 )
+from musubi_tuner.utils.errors import UserError
 
 
 def test_file_names_and_parsing():
@@ -73,6 +75,15 @@ def test_assemble_and_pad_varlen():
     assert padded.shape == (3, 4, 4)
     assert mask.tolist() == [[True, True, False, False], [True, True, True, False], [True] * 4]
     assert padded[0, 2:].eq(0).all() and padded[2].eq(1).all()
+
+
+def test_a_batch_of_caches_with_different_keys_is_refused_whichever_comes_first():
+    plain = {"latents_1x2x2_float32": torch.zeros(3, 1, 2, 2)}
+    extra = {**plain, "f_indices_int32": torch.tensor([0, 9], dtype=torch.int32)}
+    for items, files, bad in (([plain, extra], ["a.safetensors", "b.safetensors"], "b.safetensors"),
+                              ([extra, plain], ["b.safetensors", "a.safetensors"], "a.safetensors")):  # fmt: skip
+        with pytest.raises(UserError, match=rf"{bad}: cache key 'f_indices_int32'"):
+            assemble_batch(items, files)
 
 
 def test_stratified_pool_counts():

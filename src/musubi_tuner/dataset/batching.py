@@ -34,6 +34,14 @@ def assemble_batch(items: Sequence[dict[str, torch.Tensor]], files: Sequence[str
     for key in items[0]:
         name, varlen = batch_key(key)
         names[key] = (name, varlen)
+    for i, item in enumerate(items[1:], start=1):
+        extra = sorted(set(item) - set(names))
+        if extra:
+            who = files[i] if i < len(files) else f"item {i}"
+            raise UserError(
+                f"{who}: cache key {extra[0]!r} is not in the other items of the batch (caches of different kinds, e.g. "
+                "one-frame and video, in one bucket); re-run caching so the dataset's caches agree"
+            )
     batch: dict[str, object] = {}
     for key, (name, varlen) in names.items():
         values = []

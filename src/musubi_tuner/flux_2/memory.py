@@ -82,6 +82,22 @@ class Flux2MemoryHooks:
 MEMORY_HOOKS = Flux2MemoryHooks()
 
 
+def loaded_text_encoder_bytes(path: str, version: Any, fp8: bool, tokenizer: str | None) -> int:
+    """The text encoder's weights as ``Flux2TextEncoder`` holds them, from the checkpoint headers: its real loader run
+    on fake tensors. Only the layers up to the last output layer, no LM head nor vision tower (a quarter of Mistral 3's
+    file), Linears in block fp8 with ``--fp8_text_encoder``, a scaled-fp8 file as stored or dequantised."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from musubi_tuner.flux_2.text_encoders import Flux2TextEncoder
+    from musubi_tuner.memory.training import quiet_logs
+    from musubi_tuner.utils.safetensors_utils import header_only_reads
+
+    with quiet_logs(), header_only_reads(), FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        model = Flux2TextEncoder(path, version, dtype=torch.bfloat16, fp8=fp8, tokenizer=tokenizer).model
+        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def estimate_flux2_generation(args: argparse.Namespace) -> dict[str, Any]:
     """``flux_2_generate_image.py --estimate_memory``: the generation estimate for parsed, validated arguments.
 
@@ -95,7 +111,7 @@ def estimate_flux2_generation(args: argparse.Namespace) -> dict[str, Any]:
     from musubi_tuner.flux_2.models.loading import load_dit
     from musubi_tuner.flux_2.pipeline import reference_size
     from musubi_tuner.flux_2.sampling import build_img_ids, build_txt_ids
-    from musubi_tuner.memory.generation import GenerationPlan, estimate_generation, text_encoder_bytes, weights_bytes
+    from musubi_tuner.memory.generation import GenerationPlan, estimate_generation, weights_bytes
     from musubi_tuner.memory.run import resolve_gpu_total
     from musubi_tuner.utils.dtypes import parse_dtype
 
@@ -114,10 +130,6 @@ def estimate_flux2_generation(args: argparse.Namespace) -> dict[str, Any]:
     shapes = sorted(sizes, key=lambda s: numel(s[0]) + sum(numel(r) for r in s[1]))
     notes = ["--lora_weight: LoRAs are merged on load and add no memory; they are not read"] if args.lora_weight else []
     notes.append("VAE encode / decode activations are not modelled (weights only)")
-    if args.fp8_text_encoder:
-        notes.append(
-            "--fp8_text_encoder: text encoder weights estimated at half their bf16 file size (a scaled-fp8 file: its size)"
-        )
     dtype = parse_dtype(args.dit_dtype, torch.bfloat16, flag="--dit_dtype")
 
     def build() -> torch.nn.Module:
@@ -140,7 +152,7 @@ def estimate_flux2_generation(args: argparse.Namespace) -> dict[str, Any]:
 
         return make
 
-    te = text_encoder_bytes(args.text_encoder, bool(args.fp8_text_encoder))
+    te = loaded_text_encoder_bytes(args.text_encoder, version, bool(args.fp8_text_encoder), getattr(args, "tokenizer", None))
     vae = weights_bytes(args.vae) if args.vae else 0
     # x, noise and the velocity in fp32; true CFG (klein base) keeps a second velocity
     state = [(3 + int(version.uses_cfg)) * LATENT_CHANNELS * numel(s[0]) * 4 for s in shapes]
