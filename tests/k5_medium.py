@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import medium_common
 import torch
 
 from musubi_tuner.kandinsky5.configs import get_task_config
 from musubi_tuner.kandinsky5.models.loading import DIT_CONFIG_METADATA_KEY, load_dit
-from musubi_tuner.utils.atomic import save_safetensors_atomic
 
 TASK = "k5-lite-t2v-5s-sd"
 CONFIG = dict(
@@ -45,18 +45,12 @@ def write_checkpoint(path: Path, seed: int = 0, config: dict | None = None, fp8:
 
     from musubi_tuner.kandinsky5.models.dit import DiffusionTransformer3D
     from musubi_tuner.kandinsky5.models.loading import k5_fp8_config
-    from musubi_tuner.modules.fp8_optimization import quantize_state_dict
 
     config = config or CONFIG
-    torch.manual_seed(seed)
-    model = DiffusionTransformer3D(**config)
-    sd = {k: (torch.randn_like(v) * 0.02).to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    if fp8:
-        linear = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        sd = quantize_state_dict(sd, k5_fp8_config(), linear)
     meta = {DIT_CONFIG_METADATA_KEY: json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in config.items()})}
-    save_safetensors_atomic(sd, path, meta)
-    return path
+    return medium_common.write_random_checkpoint(
+        path, lambda: DiffusionTransformer3D(**config), seed, k5_fp8_config() if fp8 else None, meta
+    )
 
 
 def load(path: Path, *, fp8: bool = False, dtype: torch.dtype = torch.bfloat16):
@@ -66,12 +60,7 @@ def load(path: Path, *, fp8: bool = False, dtype: torch.dtype = torch.bfloat16):
 
 def add_network(dit, module: str = "networks.lora_kandinsky", dim: int = RANK):
     """The trainer's network: ``create_arch_network`` + ``apply_to``; returns it (fp32 parameters)."""
-    import importlib
-
-    net = importlib.import_module(f"musubi_tuner.{module}").create_arch_network(1.0, dim, dim, None, None, dit)
-    net.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
-    net.prepare_grad_etc(dit)
-    return net
+    return medium_common.add_network(dit, module, dim)
 
 
 def inputs(latent=LATENT, dtype=torch.bfloat16, seed: int = 1):

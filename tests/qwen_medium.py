@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import medium_common
 import torch
 
 from musubi_tuner.qwen_image.configs import get_model_version
 from musubi_tuner.qwen_image.models.loading import DIT_CONFIG_METADATA_KEY, load_dit, qwen_fp8_config
 from musubi_tuner.qwen_image.packing import img_shapes_for, pack
-from musubi_tuner.utils.atomic import save_safetensors_atomic
 
 VERSION = "original"
 CONFIG = dict(
@@ -37,17 +37,12 @@ LATENT = (1, 16, 1, 32, 32)  # 256 tokens
 
 def write_checkpoint(path: Path, seed: int = 0, fp8: bool = False) -> Path:
     """A random bf16 DiT with its config in the metadata; ``fp8`` writes it pre-quantised."""
-    from musubi_tuner.modules.fp8_optimization import quantize_state_dict
     from musubi_tuner.qwen_image.models.dit import QwenImageTransformer
 
-    torch.manual_seed(seed)
-    model = QwenImageTransformer(**CONFIG)
-    sd = {k: (torch.randn_like(v) * 0.02).to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    if fp8:
-        linear = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        sd = quantize_state_dict(sd, qwen_fp8_config(), linear)
-    save_safetensors_atomic(sd, path, {DIT_CONFIG_METADATA_KEY: json.dumps(CONFIG, sort_keys=True)})
-    return path
+    meta = {DIT_CONFIG_METADATA_KEY: json.dumps(CONFIG, sort_keys=True)}
+    return medium_common.write_random_checkpoint(
+        path, lambda: QwenImageTransformer(**CONFIG), seed, qwen_fp8_config() if fp8 else None, meta
+    )
 
 
 def load(path: Path, *, fp8: bool = False, dtype: torch.dtype = torch.bfloat16):
@@ -57,12 +52,7 @@ def load(path: Path, *, fp8: bool = False, dtype: torch.dtype = torch.bfloat16):
 
 def add_network(dit, module: str = "networks.lora_qwen_image", dim: int = RANK):
     """The trainer's network: ``create_arch_network`` + ``apply_to``; returns it (fp32 parameters)."""
-    import importlib
-
-    net = importlib.import_module(f"musubi_tuner.{module}").create_arch_network(1.0, dim, dim, None, None, dit)
-    net.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
-    net.prepare_grad_etc(dit)
-    return net
+    return medium_common.add_network(dit, module, dim)
 
 
 def inputs(latent=LATENT, dtype=torch.bfloat16, seed: int = 1):
