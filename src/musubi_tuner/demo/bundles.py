@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from musubi_tuner.demo.qwen25vl import TinyQwen25VLDims, train_qwen_bpe, write_qwen25vl_snapshot
-from musubi_tuner.demo.snapshot_io import added_tokens_decoder, seeded, write_json
+from musubi_tuner.demo.snapshot_io import added_tokens_decoder, read_manifest, seeded, write_json
 from musubi_tuner.kandinsky5.models.loading import DIT_CONFIG_METADATA_KEY
 from musubi_tuner.kandinsky5.vae import FLUX1_VAE_CONFIG
 from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
@@ -145,12 +145,7 @@ class K5Bundle:
     @classmethod
     def from_manifest(cls, root: str | os.PathLike) -> K5Bundle:
         """Read a bundle written by ``write_k5_bundle`` (its ``bundle.json``)."""
-        root = Path(root).resolve()
-        try:
-            data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{root / MANIFEST}: not a tiny K5 bundle manifest ({e})") from None
-        paths = {k: root / v for k, v in data["paths"].items()}
+        root, data, paths = read_manifest(root, MANIFEST, "K5")
         return cls(root=root, task=data["task"], seed=int(data["seed"]), dit_config=data["dit_config"], **paths)
 
 

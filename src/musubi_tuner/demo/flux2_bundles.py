@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from musubi_tuner.demo.bundles import QWEN_SPECIAL_TOKENS, _train_qwen_tokenizer
-from musubi_tuner.demo.snapshot_io import added_tokens_decoder, seeded, write_json
+from musubi_tuner.demo.snapshot_io import added_tokens_decoder, read_manifest, seeded, write_json
 from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
@@ -83,12 +83,8 @@ class Flux2Bundle:
 
     @classmethod
     def from_manifest(cls, root: str | os.PathLike) -> Flux2Bundle:
-        root = Path(root).resolve()
-        try:
-            data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{root / MANIFEST}: not a tiny FLUX.2 bundle manifest ({e})") from None
-        return cls(root=root, seed=int(data["seed"]), **{k: root / v for k, v in data["paths"].items()})
+        root, data, paths = read_manifest(root, MANIFEST, "FLUX.2")
+        return cls(root=root, seed=int(data["seed"]), **paths)
 
 
 def randomize_flux2_dit_(model: torch.nn.Module, seed: int) -> None:

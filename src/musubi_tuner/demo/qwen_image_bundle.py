@@ -26,7 +26,7 @@ import torch
 
 from musubi_tuner.demo.bundles import QWEN_HIDDEN
 from musubi_tuner.demo.qwen_image_vl import write_tiny_qwen_image_vl
-from musubi_tuner.demo.snapshot_io import seeded, write_json
+from musubi_tuner.demo.snapshot_io import read_manifest, seeded, write_json
 from musubi_tuner.qwen_image.models.loading import DIT_CONFIG_METADATA_KEY
 from musubi_tuner.qwen_image.vae import VAE_CONFIG_METADATA_KEY
 from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
@@ -73,12 +73,8 @@ class QwenImageBundle:
 
     @classmethod
     def from_manifest(cls, root: str | os.PathLike) -> QwenImageBundle:
-        root = Path(root).resolve()
-        try:
-            data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{root / MANIFEST}: not a tiny Qwen-Image bundle manifest ({e})") from None
-        return cls(root=root, seed=int(data["seed"]), **{k: root / v for k, v in data["paths"].items()})
+        root, data, paths = read_manifest(root, MANIFEST, "Qwen-Image")
+        return cls(root=root, seed=int(data["seed"]), **paths)
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.demo.snapshot_io import seeded, write_json
+from musubi_tuner.demo.snapshot_io import read_manifest, seeded, write_json
 from musubi_tuner.utils.atomic import make_temp_dir, save_safetensors_atomic
 from musubi_tuner.utils.errors import UserError
 from musubi_tuner.utils.log import get_logger
@@ -316,22 +316,17 @@ class WanBundle:
 
     @classmethod
     def from_manifest(cls, root: Path) -> WanBundle:
-        data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        p = data["paths"]
-
-        def opt(key: str) -> Path | None:
-            return root / p[key] if p.get(key) else None
-
+        root, data, p = read_manifest(root, MANIFEST, "Wan")
         return cls(
             root=root,
             task=data["task"],
-            dit=root / p["dit"],
-            dit_high_noise=opt("dit_high_noise"),
-            vae=root / p["vae"],
-            vae_diffusers=root / p["vae_diffusers"],
-            vae22=opt("vae22"),
-            t5=root / p["t5"],
-            clip=opt("clip"),
+            dit=p["dit"],
+            dit_high_noise=p.get("dit_high_noise"),
+            vae=p["vae"],
+            vae_diffusers=p["vae_diffusers"],
+            vae22=p.get("vae22"),
+            t5=p["t5"],
+            clip=p.get("clip"),
             dit_config=data["dit_config"],
         )
 
